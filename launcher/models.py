@@ -1,0 +1,422 @@
+"""ResNet construction, pretrained weights and layer freezing, on top of timm.
+
+timm's ResNet has exactly torchvision's state_dict key names (conv1, bn1, layer1.0.conv1, ..., fc),
+so a checkpoint written here loads into ``torchvision.models.resnet50()`` or
+``timm.create_model("resnet50")`` unchanged, and torchvision weights load into it.
+
+Two RSB details come for free from timm and are pinned by tests:
+stochastic depth grows linearly per block from 0 to ``drop_path`` (``drop_path_rate``), and the last
+BatchNorm gamma of every residual branch starts at zero (``zero_init_last``).
+
+Frozen stages (``trainable_layers``) keep their BatchNorm in eval mode even under ``model.train()``:
+fine-tuning batches are tiny (4-32 images) and from another distribution, so letting them update the
+running mean/var would overwrite the ImageNet statistics the frozen convolutions were trained with;
+frozen features should see the normalisation they were trained with. The BN modules stay ordinary
+BatchNorm subclasses, so the state_dict is unchanged and loads into plain torchvision/timm models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+__all__ = [
+    "RESNET_NAMES",
+    "TRAINABLE_CHOICES",
+    "WeightsUnavailableError",
+    "convert_sync_batchnorm",
+    "create_resnet",
+    "load_pretrained_state_dict",
+    "model_info",
+    "resolve_weights",
+    "set_trainable_layers",
+    "unwrap_model",
+]
+
+log = logging.getLogger(__name__)
+
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# Stages from the head backwards: trainable_layers=N unfreezes the last N entries.
+_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
+TRAINABLE_CHOICES = ("1", "2", "3", "4", "5", "all")
+
+
+def create_resnet(
+    name: str,
+    num_classes: int,
+    *,
+    drop_path: float = 0.0,
+    zero_init_last: bool = True,
+    pretrained: str | os.PathLike | None = None,
+    trainable_layers: int | str = "all",
+) -> nn.Module:
+    """Build a timm ResNet (torchvision key names) with an ``num_classes`` head.
+
+    pretrained: None (random init), a torchvision weights name ("IMAGENET1K_V2", "DEFAULT",
+    "ResNet50_Weights.IMAGENET1K_V2"), a timm name ("resnet50.a1_in1k" or just the tag "a1_in1k"),
+    or a local file (.pth/.pt/.bin/.safetensors; a state_dict or a checkpoint dict with "model" or
+    "state_dict"). The pretrained classifier is dropped when its shape differs from ``num_classes``;
+    every other tensor must match (clear error listing missing/unexpected keys otherwise).
+    Without network a download raises :class:`WeightsUnavailableError` telling how to pass a file.
+    """
+    if name not in RESNET_NAMES:
+        raise ValueError(f"model {name!r} is not supported; choose one of {', '.join(RESNET_NAMES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    model = timm.create_model(
+        name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+        zero_init_last=zero_init_last,
+    )
+    if pretrained:
+        source, state_dict = resolve_weights(name, pretrained)
+        load_pretrained_state_dict(model, state_dict, source=source)
+        log.info("loaded pretrained weights for %s from %s", name, source)
+    set_trainable_layers(model, trainable_layers)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretrained weights
+# --------------------------------------------------------------------------------------------------
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded (usually: no network). The message says what to do."""
+
+    def __init__(self, reason: str, *, url: str | None, cache_file: str | None, hf_repo: str | None = None):
+        self.url = url
+        lines = [reason, "Supply the weights as a local file instead:",
+                 "  --weights /path/to/file.pth   (a state_dict or a checkpoint with 'model'/'state_dict'; "
+                 ".pth, .pt, .bin or .safetensors; torchvision or timm key names)"]
+        if url:
+            lines.append(f"  the file can be fetched on a machine with internet from {url}")
+        if cache_file:
+            lines.append(f"  or copy it to the torchvision cache: {cache_file} (TORCH_HOME={_torch_home()})")
+        if hf_repo:
+            lines.append(f"  or fill the Hugging Face cache (HF_HUB_CACHE={_hf_cache()}) with "
+                         f"`huggingface-cli download {hf_repo}` on a connected machine and copy it over")
+        super().__init__("\n".join(lines))
+
+
+def _torch_home() -> str:
+    return str(Path(torch.hub.get_dir()).parent)
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants as hf_constants
+
+    return str(hf_constants.HF_HUB_CACHE)
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a .safetensors file or a torch file (plain, or a checkpoint dict).
+
+    Checkpoints are unpacked from "model", "state_dict", "model_state_dict" or "module" entries
+    (EMA weights are not chosen silently); DDP "module." and torch.compile "_orig_mod." prefixes are
+    stripped. torch files are read with ``weights_only=True``.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_state_dict", "module"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"weights file {path} holds no state_dict (expected name -> tensor, or a checkpoint "
+                         f"dict with 'model' or 'state_dict')")
+    state = {}
+    for key, value in obj.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    return state
+
+
+def _looks_like_file(spec: str) -> bool:
+    suffixes = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
+    return os.sep in spec or "/" in spec or spec.startswith(".") or spec.lower().endswith(suffixes)
+
+
+def resolve_weights(name: str, spec: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """Turn a weights spec into ``(description, state_dict)`` (see :func:`create_resnet`)."""
+    spec_str = os.fspath(spec)
+    if os.path.isfile(spec_str) or _looks_like_file(spec_str):
+        path = Path(spec_str).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        return str(path), load_weights_file(path)
+    if "_Weights." in spec_str or spec_str.upper() == spec_str:
+        return _torchvision_state_dict(name, spec_str)
+    return _timm_state_dict(name, spec_str)
+
+
+def _torchvision_state_dict(name: str, spec: str) -> tuple[str, dict[str, torch.Tensor]]:
+    enum = torchvision.models.get_model_weights(name)
+    if "." in spec:
+        enum_name, _, member = spec.partition(".")
+        if enum_name != enum.__name__:
+            raise ValueError(f"weights {spec!r} are for another architecture than {name} (expected "
+                             f"{enum.__name__}.<name>)")
+    else:
+        member = spec
+    try:
+        weights = enum[member]
+    except KeyError:
+        choices = ", ".join([*enum.__members__])
+        raise ValueError(f"unknown torchvision weights {spec!r} for {name}; available: {choices}") from None
+    url = weights.url
+    try:
+        state_dict = weights.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as exc:  # URLError/HTTPError/socket errors are OSErrors
+        cache_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        raise WeightsUnavailableError(
+            f"could not download torchvision weights {enum.__name__}.{weights.name} for {name} "
+            f"({type(exc).__name__}: {exc}).",
+            url=url, cache_file=str(cache_file),
+        ) from exc
+    return f"torchvision {enum.__name__}.{weights.name}", state_dict
+
+
+def _host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """One quick TCP connect, so an offline machine fails in seconds instead of retrying for a minute."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy decides; let the real download try
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _timm_state_dict(name: str, spec: str) -> tuple[str, dict[str, torch.Tensor]]:
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import try_to_load_from_cache
+
+    full = spec if spec.startswith(f"{name}.") or spec == name else f"{name}.{spec}"
+    arch = full.partition(".")[0]
+    if arch != name:
+        raise ValueError(f"timm weights {spec!r} are for {arch}, not {name}")
+    cfg = timm.models.get_pretrained_cfg(full)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{name}.*")]
+        raise ValueError(
+            f"unknown pretrained weights {spec!r} for {name}: not a local file, not a torchvision weights "
+            f"name, not a timm tag. timm tags: {', '.join(tags)}; torchvision: "
+            f"{', '.join(torchvision.models.get_model_weights(name).__members__)}"
+        )
+    tag = f"{name}.{cfg.tag}" if cfg.tag else name
+    cfg_dict = cfg.to_dict()
+    # A file already in the Hugging Face cache loads offline through timm's own file path.
+    if cfg.hf_hub_id:
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(cached, str):
+                cfg_dict = {**cfg_dict, "file": cached, "hf_hub_id": None, "source": ""}
+                break
+    hub_url = f"{hf_constants.ENDPOINT}/{cfg.hf_hub_id}/resolve/main/model.safetensors" if cfg.hf_hub_id else None
+    url = hub_url or cfg.url
+    if "file" not in cfg_dict or not cfg_dict.get("file"):
+        offline = hf_constants.HF_HUB_OFFLINE or not _host_reachable(url)
+        if offline:
+            raise WeightsUnavailableError(
+                f"could not download timm weights {tag} for {name} (no network: {url} unreachable).",
+                url=url, cache_file=None, hf_repo=cfg.hf_hub_id,
+            )
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        captured.update(state_dict)
+        return state_dict
+
+    # timm's load_pretrained does the download (hub or URL, hash checks); we take the state_dict it
+    # fetched and load it ourselves so head replacement and strictness are the same for every source.
+    probe = timm.create_model(name, pretrained=False)
+    try:
+        timm.models.load_pretrained(probe, pretrained_cfg=cfg_dict, num_classes=probe.num_classes,
+                                    filter_fn=capture, strict=False)
+    except OSError as exc:  # HF LocalEntryNotFoundError, requests ConnectionError, URLError
+        raise WeightsUnavailableError(
+            f"could not download timm weights {tag} for {name} ({type(exc).__name__}: {exc}).",
+            url=url, cache_file=None, hf_repo=cfg.hf_hub_id,
+        ) from exc
+    return f"timm {tag}", captured
+
+
+def load_pretrained_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state_dict`` into ``model``: classifier dropped if its shape differs, otherwise strict."""
+    target = unwrap_model(model)
+    own = target.state_dict()
+    state = dict(state_dict)
+    dropped_head = False
+    for key in ("fc.weight", "fc.bias"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            del state[key]
+            dropped_head = True
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
+    if mismatched:
+        raise ValueError(
+            f"pretrained weights {source} do not fit this architecture (wrong model name?): "
+            + "; ".join(mismatched[:8]) + (f" ... ({len(mismatched)} tensors)" if len(mismatched) > 8 else "")
+        )
+    result = target.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (dropped_head and k.startswith("fc."))]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"pretrained weights {source} do not match the model: missing keys {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}, unexpected keys {result.unexpected_keys[:20]}"
+            f"{' ...' if len(result.unexpected_keys) > 20 else ''}"
+        )
+    if dropped_head:
+        log.info("pretrained classifier dropped (its class count differs); new head for %d classes",
+                 own["fc.weight"].shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Freezing
+# --------------------------------------------------------------------------------------------------
+
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that always normalises with its running statistics and never updates them.
+
+    Same parameters, buffers and state_dict as ``nn.BatchNorm2d`` (it is swapped in via
+    ``__class__``), so checkpoints stay loadable into plain torchvision/timm models.
+    """
+
+    def train(self, mode: bool = True) -> FrozenStatsBatchNorm2d:
+        return super().train(False)
+
+
+class FrozenStatsSyncBatchNorm(nn.SyncBatchNorm):
+    """SyncBatchNorm counterpart of :class:`FrozenStatsBatchNorm2d`."""
+
+    def train(self, mode: bool = True) -> FrozenStatsSyncBatchNorm:
+        return super().train(False)
+
+
+_FROZEN_BN = {nn.BatchNorm2d: FrozenStatsBatchNorm2d, nn.SyncBatchNorm: FrozenStatsSyncBatchNorm}
+_PLAIN_BN = {v: k for k, v in _FROZEN_BN.items()}
+
+
+def _stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    return {
+        "stem": [model.conv1, model.bn1],
+        "layer1": [model.layer1], "layer2": [model.layer2], "layer3": [model.layer3],
+        "layer4": [model.layer4], "fc": [model.get_classifier()],
+    }
+
+
+def parse_trainable_layers(value: int | str) -> int:
+    """'all' -> 6 (every stage incl. stem); 1..5 as documented in :func:`set_trainable_layers`."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return len(_STAGES)
+    if text.isdigit() and 1 <= int(text) <= 5:
+        return int(text)
+    raise ValueError(
+        f"trainable_layers must be 1..5 or 'all' (1 = fc, 2 = layer4+fc, 3 = layer3+layer4+fc, "
+        f"4 = layer2.., 5 = layer1.., all = also conv1/bn1), got {value!r}"
+    )
+
+
+def set_trainable_layers(model: nn.Module, trainable_layers: int | str) -> list[str]:
+    """Freeze all but the last N stages: 1 -> fc, 2 -> layer4+fc, ..., 5 -> layer1..fc, "all".
+
+    Frozen stages get ``requires_grad=False`` and their BatchNorm layers stay in eval mode even after
+    ``model.train()`` (running statistics untouched, see the module docstring for why). Calling it
+    again with a larger N unfreezes (gradual unfreezing). Returns the trainable stage names.
+    """
+    count = parse_trainable_layers(trainable_layers)
+    target = unwrap_model(model)
+    trainable = list(_STAGES[len(_STAGES) - count:])
+    for stage, modules in _stage_modules(target).items():
+        frozen = stage not in trainable
+        for module in modules:
+            for param in module.parameters():
+                param.requires_grad_(not frozen)
+            for sub in module.modules():
+                _set_bn_frozen(sub, frozen)
+    target.train(target.training)  # re-apply the current mode so frozen BNs switch to eval now
+    return trainable
+
+
+def _set_bn_frozen(module: nn.Module, frozen: bool) -> None:
+    cls = type(module)
+    if frozen and cls in _FROZEN_BN:
+        module.__class__ = _FROZEN_BN[cls]
+    elif not frozen and cls in _PLAIN_BN:
+        module.__class__ = _PLAIN_BN[cls]
+        module.train(True)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` that keeps frozen BatchNorm layers frozen."""
+    frozen_names = {name for name, m in model.named_modules() if isinstance(m, FrozenStatsBatchNorm2d)}
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, module in model.named_modules():
+        if name in frozen_names and type(module) is nn.SyncBatchNorm:
+            module.__class__ = FrozenStatsSyncBatchNorm
+            module.train(False)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers for the engine and export
+# --------------------------------------------------------------------------------------------------
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DeepSpeed / accelerate (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """Parameter counts and the frozen/trainable split, for logs and summaries."""
+    target = unwrap_model(model)
+    total = sum(p.numel() for p in target.parameters())
+    trainable = sum(p.numel() for p in target.parameters() if p.requires_grad)
+    frozen_bn = sum(isinstance(m, (FrozenStatsBatchNorm2d, FrozenStatsSyncBatchNorm)) for m in target.modules())
+    stages = [s for s, mods in _stage_modules(target).items()
+              if all(p.requires_grad for m in mods for p in m.parameters())] if hasattr(target, "layer4") else []
+    return {
+        "params": total,
+        "trainable_params": trainable,
+        "frozen_params": total - trainable,
+        "frozen_bn_layers": frozen_bn,
+        "trainable_stages": stages,
+    }
+
+
