@@ -222,7 +222,10 @@ def _timm_state_dict(name: str, spec: str) -> tuple[str, dict[str, torch.Tensor]
     arch = full.partition(".")[0]
     if arch != name:
         raise ValueError(f"timm weights {spec!r} are for {arch}, not {name}")
-    cfg = timm.models.get_pretrained_cfg(full)
+    try:
+        cfg = timm.models.get_pretrained_cfg(full)
+    except RuntimeError:  # "Invalid pretrained tag"
+        cfg = None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{name}.*")]
         raise ValueError(
@@ -278,26 +281,44 @@ def load_pretrained_state_dict(model: nn.Module, state_dict: Mapping[str, torch.
         if key in state and key in own and state[key].shape != own[key].shape:
             del state[key]
             dropped_head = True
+    hint = _architecture_hint(state, target)
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items() if k in own and v.shape != own[k].shape
     ]
     if mismatched:
         raise ValueError(
-            f"pretrained weights {source} do not fit this architecture (wrong model name?): "
+            f"pretrained weights {source} do not fit this architecture{hint}: "
             + "; ".join(mismatched[:8]) + (f" ... ({len(mismatched)} tensors)" if len(mismatched) > 8 else "")
         )
     result = target.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (dropped_head and k.startswith("fc."))]
     if missing or result.unexpected_keys:
         raise ValueError(
-            f"pretrained weights {source} do not match the model: missing keys {missing[:20]}"
+            f"pretrained weights {source} do not match the model{hint}: missing keys {missing[:20]}"
             f"{' ...' if len(missing) > 20 else ''}, unexpected keys {result.unexpected_keys[:20]}"
             f"{' ...' if len(result.unexpected_keys) > 20 else ''}"
         )
     if dropped_head:
         log.info("pretrained classifier dropped (its class count differs); new head for %d classes",
                  own["fc.weight"].shape[0])
+
+
+def _architecture_hint(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    """' (they are resnet34 weights)' when the tensors fit another supported depth exactly."""
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("fc.")}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    if shapes.items() <= own.items() and set(own) - set(shapes) <= {k for k in own if "num_batches" in k}:
+        return ""
+    for name in RESNET_NAMES:
+        with torch.device("meta"):
+            candidate = timm.create_model(name, pretrained=False)
+        ref = {k: tuple(v.shape) for k, v in candidate.state_dict().items()
+               if not k.startswith("fc.") and "num_batches" not in k}
+        if all(shapes.get(k) == v for k, v in ref.items()) and set(shapes) - set(ref) <= {
+                k for k in shapes if "num_batches" in k}:
+            return f" (they are {name} weights: use --model {name})"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------------
