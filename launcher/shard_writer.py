@@ -1,0 +1,242 @@
+"""Write WebDataset tars safely: temporary names while writing, one atomic publish at the end.
+
+A run builds everything in a hidden staging folder next to the output (same filesystem, so renames
+are atomic): shards are ``*.tar.tmp`` until the whole dataset is written, then renamed, then
+``_info.json`` is written last, then the staging folder is renamed to the output folder. An
+interrupted run therefore leaves the previous output (if any) untouched and nothing complete-looking.
+A lock file keeps two runs from writing the same output at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TMP_SUFFIX = ".tmp"
+INFO_NAME = "_info.json"
+OUTPUT_FILES = (INFO_NAME, "classes.json", "report.json")
+_TAR_BLOCK = 512
+
+
+class OutputError(ValueError):
+    """The output folder cannot be written as asked (the message says why and what to do)."""
+
+
+def shard_prefix(name: str) -> str:
+    """A file-name-safe shard prefix: dots, spaces and slashes become underscores."""
+    cleaned = re.sub(r"[^\w-]+", "_", name).strip("_")
+    return cleaned or "dataset"
+
+
+def shard_name(prefix: str, split: str, index: int) -> str:
+    return f"{prefix}-{split}-{index:06d}.tar"
+
+
+def _tar_member_size(size: int) -> int:
+    return _TAR_BLOCK + (size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+
+
+@dataclass
+class ShardRecord:
+    filename: str  # final name, relative to the output folder
+    samples: int
+    bytes: int
+
+
+@dataclass
+class SplitWriter:
+    """Appends samples to ``<prefix>-<split>-NNNNNN.tar.tmp`` files, starting a new shard when the next
+    sample would pass ``max_bytes`` or the shard already holds ``max_samples`` (0 = no limit)."""
+
+    folder: Path
+    prefix: str
+    split: str
+    max_bytes: int = 0
+    max_samples: int = 0
+    shards: list[ShardRecord] = field(default_factory=list)
+    _file: io.BufferedWriter | None = None
+    _tar: tarfile.TarFile | None = None
+    _samples: int = 0
+    _bytes: int = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """One sample: ``members`` maps extension ("jpg", "cls", "json") to bytes, written adjacent."""
+        size = sum(_tar_member_size(len(data)) for data in members.values())
+        if self._tar is not None and (
+            (self.max_samples and self._samples >= self.max_samples)
+            or (self.max_bytes and self._bytes + size > self.max_bytes)
+        ):
+            self._finish_shard()
+        if self._tar is None:
+            self._start_shard()
+        assert self._tar is not None
+        for extension, data in members.items():
+            # Fixed metadata (mtime 0, root owner) makes shards byte-reproducible for a given seed.
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size = len(data)
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._samples += 1
+        self._bytes += size
+
+    def close(self) -> list[ShardRecord]:
+        if self._tar is not None:
+            self._finish_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        if self._file is not None:
+            self._file.close()
+        self._tar = self._file = None
+
+    def _start_shard(self) -> None:
+        name = shard_name(self.prefix, self.split, len(self.shards))
+        # Both stay open across write() calls; _finish_shard or abort closes them.
+        self._file = open(self.folder / (name + TMP_SUFFIX), "wb")  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._samples = self._bytes = 0
+
+    def _finish_shard(self) -> None:
+        assert self._tar is not None and self._file is not None
+        self._tar.close()  # writes the end-of-archive blocks
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        size = self._file.tell()
+        self._file.close()
+        name = shard_name(self.prefix, self.split, len(self.shards))
+        self.shards.append(ShardRecord(name, self._samples, size))
+        self._tar = self._file = None
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` via a temporary file + fsync + rename: readers see all of it or nothing."""
+    temporary = path.with_name(path.name + TMP_SUFFIX)
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def looks_like_shard_output(folder: Path, prefix_pattern: str = r".+") -> bool:
+    """True if ``folder`` holds only what shardify writes (safe to replace with --overwrite)."""
+    shard = re.compile(prefix_pattern + r"-[^-]+-\d{6}\.tar(\.tmp)?")
+    for entry in os.scandir(folder):
+        if entry.name in OUTPUT_FILES or shard.fullmatch(entry.name) or entry.name.endswith(TMP_SUFFIX):
+            continue
+        return False
+    return True
+
+
+class OutputStaging:
+    """Owns the output location for one run: lock, staging folder, publish (see the module docstring).
+
+    Use as a context manager; leaving it without :meth:`publish` removes the staging folder.
+    """
+
+    def __init__(self, out: Path, *, overwrite: bool) -> None:
+        self.out = out
+        self.overwrite = overwrite
+        parent = out.parent
+        self.staging = parent / f".{out.name}.shardify-partial"
+        self.old = parent / f".{out.name}.shardify-old"
+        self._lock_path = parent / f".{out.name}.shardify-lock"
+        self._lock_fd: int | None = None
+        self.published = False
+
+    def __enter__(self) -> OutputStaging:
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise OutputError(f"cannot create output folder {self.out.parent}: {error.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise OutputError(f"another shardify run is writing {self.out} right now") from None
+        try:
+            self._recover_previous_run()
+            self._check_existing_output()
+            self.staging.mkdir()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.published:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._unlock()
+
+    def _recover_previous_run(self) -> None:
+        # We hold the lock, so leftovers belong to a run that died: a partial build is garbage; an old
+        # output moved aside but never replaced is the only complete copy and goes back in place.
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        if self.old.exists():
+            if self.out.exists():
+                shutil.rmtree(self.old)
+            else:
+                os.rename(self.old, self.out)
+
+    def _check_existing_output(self) -> None:
+        out = self.out
+        if not out.exists() and not out.is_symlink():
+            return
+        if not out.is_dir() or out.is_symlink():
+            raise OutputError(f"output {out} exists and is not a folder; choose another --out")
+        if not any(os.scandir(out)):
+            return
+        if not self.overwrite:
+            raise OutputError(f"output {out} already exists; pass --overwrite to replace it")
+        if not looks_like_shard_output(out):
+            raise OutputError(
+                f"output {out} holds files shardify did not write; refusing to replace it even with "
+                "--overwrite (remove it yourself or choose another --out)"
+            )
+
+    def publish(self, shards: list[ShardRecord], extra_files: dict[str, Any], info: dict[str, Any]) -> None:
+        """Rename the shards to their final names, write ``extra_files`` then ``_info.json``, and move
+        the finished folder into place (replacing an old output only now that the new one is complete)."""
+        for record in shards:
+            os.rename(self.staging / (record.filename + TMP_SUFFIX), self.staging / record.filename)
+        for name, payload in extra_files.items():
+            write_json_atomic(self.staging / name, payload)
+        write_json_atomic(self.staging / INFO_NAME, info)
+        _fsync_dir(self.staging)
+        if self.out.exists():
+            if any(os.scandir(self.out)):
+                os.rename(self.out, self.old)
+            else:
+                self.out.rmdir()
+        os.rename(self.staging, self.out)
+        self.published = True
+        _fsync_dir(self.out.parent)
+        shutil.rmtree(self.old, ignore_errors=True)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            # The (empty, hidden) lock file stays: unlinking it would let two runs lock different inodes.
+            os.close(self._lock_fd)
+            self._lock_fd = None

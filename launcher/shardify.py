@@ -1,0 +1,436 @@
+"""`shardify SRC`: class folders -> WebDataset shards that timm and webdataset read directly.
+
+Steps: walk SRC and plan the splits (:mod:`launcher.shard_source`), shuffle the file list with the seed,
+decode/convert images in a process pool in bounded, ordered chunks (memory does not grow with the
+dataset), append them to tars under temporary names, then publish atomically with ``_info.json`` last
+(:mod:`launcher.shard_writer`). ``shardify verify DIR`` re-reads everything (:mod:`launcher.shard_verify`).
+
+Python API::
+
+    from launcher.shardify import shardify, verify
+    result = shardify("imgs", "shards/imgs", val_fraction=0.1, workers=4)   # -> ShardifyResult
+    check = verify("shards/imgs")                                          # -> VerifyResult
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from launcher import __version__
+from launcher.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, EncodedImage, ImagePolicy
+from launcher.shard_encode import encode_stream
+from launcher.shard_source import SourceError, SourcePlan, plan_source, samples_per_shard_cap
+from launcher.shard_verify import VerifyResult, verify
+from launcher.shard_writer import OutputError, OutputStaging, ShardRecord, SplitWriter, shard_prefix
+
+__all__ = ["ShardifyOptions", "ShardifyResult", "ShardifyError", "SkippedFile", "VerifyResult", "main",
+           "shardify", "verify"]
+
+EXIT_OK = 0  # every file was stored
+EXIT_SKIPPED = 1  # output written, but some files were skipped (listed in report.json)
+EXIT_USAGE = 2  # bad arguments, unusable source, output exists / is inside SRC / is locked
+EXIT_STRICT = 3  # --strict and a file had to be skipped: nothing was published
+EXIT_FAILED = 4  # nothing usable (a split lost every image) or an I/O error: nothing was published
+EXIT_VERIFY_FAILED = 5  # `shardify verify` (or --verify) found a problem
+EXIT_INTERRUPTED = 130  # Ctrl-C: nothing was published
+
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}    every image was stored
+  {EXIT_SKIPPED}    output written, but some files were skipped (each listed with its reason in report.json)
+  {EXIT_USAGE}    usage or configuration error (bad option, unusable SRC, output exists without
+       --overwrite, output inside SRC, another run writing the same output)
+  {EXIT_STRICT}    --strict and a file had to be skipped: nothing was published
+  {EXIT_FAILED}    a split lost all its images, or writing failed: nothing was published
+  {EXIT_VERIFY_FAILED}    verification found a problem (`shardify verify DIR`, or --verify)
+  {EXIT_INTERRUPTED}  interrupted: nothing was published
+An existing output is only replaced once the new one is complete."""
+
+TOOL_NAME = "resnet-launcher shardify"
+
+
+class ShardifyError(Exception):
+    """A run that cannot finish; ``exit_code`` says which kind (see EXIT_CODES_HELP)."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(ShardifyError):
+    exit_code = EXIT_USAGE
+
+
+class StrictFailure(ShardifyError):
+    exit_code = EXIT_STRICT
+
+
+@dataclass(frozen=True)
+class ShardifyOptions:
+    val_fraction: float = 0.1  # share of each class drawn for validation when SRC has no val/ folder
+    seed: int = 0  # drives the train/validation split and the order of samples across shards
+    shard_size_mb: float = 256.0  # a shard stops before passing this many MB (0: no size limit)
+    shard_count: int = 0  # at most this many samples per shard (0: no count limit)
+    min_shards: int = 8  # split into at least this many shards when there are enough images
+    quality: int = DEFAULT_QUALITY  # JPEG quality for converted images
+    max_side: int | None = None  # downscale images whose longer side is larger (None: keep size)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are rejected as decompression bombs
+    workers: int = 0  # processes decoding images (0: all available cores)
+    overwrite: bool = False
+    strict: bool = False  # any skipped file fails the run (exit 3) before anything is published
+    progress: bool = True  # tqdm progress bar
+
+    def policy(self) -> ImagePolicy:
+        return ImagePolicy(quality=self.quality, max_side=self.max_side, max_pixels=self.max_pixels)
+
+    def resolved_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+    def validate(self) -> None:
+        checks = [
+            (0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.shard_size_mb >= 0, f"--shard-size must be >= 0 MB, got {self.shard_size_mb}"),
+            (self.shard_count >= 0, f"--shard-count must be >= 0, got {self.shard_count}"),
+            (self.min_shards >= 1, f"--min-shards must be >= 1, got {self.min_shards}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        try:
+            self.policy()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str  # relative to SRC
+    reason: str  # one of launcher.images.REASONS
+    detail: str
+
+
+@dataclass
+class ShardifyResult:
+    out_dir: Path
+    classes: list[str]
+    num_samples: dict[str, int]
+    num_shards: dict[str, int]
+    class_counts: dict[str, dict[str, int]]
+    skipped: list[SkippedFile]
+    kept_jpeg: int  # stored byte for byte
+    converted: int  # re-encoded (other format, rotation, alpha, max-side, ...)
+    bytes_written: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SKIPPED if self.skipped else EXIT_OK
+
+    @property
+    def images_per_s(self) -> float:
+        return (sum(self.num_samples.values()) + len(self.skipped)) / max(self.seconds, 1e-9)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(item.reason for item in self.skipped).most_common())
+
+    def summary(self) -> str:
+        per_split = " + ".join(f"{n:,} {split}" for split, n in self.num_samples.items())
+        shards = sum(self.num_shards.values())
+        line = (f"shardify: {per_split} images of {len(self.classes)} classes -> {self.out_dir} "
+                f"({shards} shards, {self.bytes_written / 1e6:,.1f} MB) in {self.seconds:.1f} s "
+                f"({self.images_per_s:,.0f} img/s); {self.kept_jpeg:,} JPEGs stored as-is, "
+                f"{self.converted:,} converted; ")
+        if not self.skipped:
+            return line + "nothing skipped"
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped_by_reason().items())
+        return line + f"skipped {len(self.skipped):,} ({reasons}), see {self.out_dir / 'report.json'}"
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    real_src, real_out = src.resolve(), out.resolve()
+    if real_out == real_src or real_src in real_out.parents:
+        raise ConfigError(f"output {out} is inside the source folder {src}; choose an --out outside it")
+    if real_out in real_src.parents:
+        raise ConfigError(f"source {src} is inside the output folder {out}; choose another --out")
+
+
+def default_out(src: str | Path) -> Path:
+    return Path("shards") / Path(src).resolve().name
+
+
+def shardify(src: str | Path, out: str | Path | None = None, options: ShardifyOptions | None = None,
+             **overrides: object) -> ShardifyResult:
+    """Convert the class-folder tree ``src`` into shards in ``out`` (default ``shards/<basename of src>``).
+
+    ``options`` fields can also be given as keyword arguments. Raises :class:`ShardifyError` (with an
+    ``exit_code``) when nothing is published; skipped files do not raise (see ``result.skipped``).
+    """
+    start = time.perf_counter()
+    options = replace(options or ShardifyOptions(), **overrides)  # type: ignore[arg-type]
+    options.validate()
+    src = Path(src)
+    out = Path(out) if out is not None else default_out(src)
+    if not src.is_dir():
+        raise ConfigError(f"source folder not found: {src}")
+    _check_paths(src, out)
+    try:
+        plan = plan_source(src, val_fraction=options.val_fraction, seed=options.seed)
+    except SourceError as error:
+        raise ConfigError(str(error)) from None
+    skipped = [SkippedFile(_relative(p.path, src), p.reason, p.detail) for p in plan.problems]
+    if options.strict and skipped:
+        raise StrictFailure(f"--strict: {skipped[0].path}: {skipped[0].reason}: {skipped[0].detail}")
+    try:
+        with OutputStaging(out, overwrite=options.overwrite) as staging:
+            result, shards = _write(plan, staging, options, skipped)
+            result.seconds = time.perf_counter() - start
+            staging.publish([record for records in shards.values() for record in records],
+                            _extra_files(plan, result), _info(plan, result, shards, options))
+    except OutputError as error:
+        raise ConfigError(str(error)) from None
+    except OSError as error:
+        raise ShardifyError(f"writing {out} failed: {error}") from None
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _relative(path: str, src: Path) -> str:
+    return Path(os.path.relpath(path, src)).as_posix()
+
+
+def _shard_sample_limit(num_files: int, options: ShardifyOptions) -> int:
+    limits = [n for n in (options.shard_count, samples_per_shard_cap(num_files, options.min_shards)) if n]
+    return min(limits) if limits else 0
+
+
+def _write(plan: SourcePlan, staging: OutputStaging, options: ShardifyOptions, skipped: list[SkippedFile]
+           ) -> tuple[ShardifyResult, dict[str, list[ShardRecord]]]:
+    """Encode every planned file in order and append it to its split's shards (still temp names)."""
+    prefix = shard_prefix(staging.out.name)
+    max_bytes = int(options.shard_size_mb * 1e6)
+    writers = {split: SplitWriter(staging.staging, prefix, split, max_bytes, _shard_sample_limit(len(files), options))
+               for split, files in plan.splits.items()}
+    work = [(split, index, item) for split, files in plan.splits.items() for index, item in enumerate(files)]
+    counts: dict[str, Counter[int]] = {split: Counter() for split in plan.splits}
+    kept = 0
+    workers = min(options.resolved_workers(), max(1, len(work)))
+    bar = tqdm(total=len(work), unit="img", desc="shardify", disable=None if options.progress else True)
+    stream = encode_stream((item.path for _, _, item in work), len(work), options.policy(), workers)
+    try:
+        for (split, index, item), encoded in zip(work, stream):
+            if isinstance(encoded, EncodedImage):
+                meta = {"filename": item.relpath, "class": plan.classes[item.label], "label": item.label,
+                        "width": encoded.width, "height": encoded.height}
+                writers[split].write(f"{split}_{index:08d}", {
+                    "jpg": encoded.data,
+                    "cls": str(item.label).encode("ascii"),
+                    "json": json.dumps(meta).encode("utf-8"),
+                })
+                counts[split][item.label] += 1
+                kept += encoded.kept
+            else:
+                reason, detail = encoded
+                skipped.append(SkippedFile(item.relpath, reason, detail))
+                if options.strict:
+                    raise StrictFailure(f"--strict: {item.relpath}: {reason}: {detail}")
+                bar.set_postfix_str(f"skipped {len(skipped)}", refresh=False)
+            bar.update()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        stream.close()  # shuts the pool down, also when stopping early
+        bar.close()
+    shards = {split: writer.close() for split, writer in writers.items()}
+    num_samples = {split: sum(counts[split].values()) for split in plan.splits}
+    empty = [split for split, n in num_samples.items() if n == 0]
+    if empty:
+        reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).most_common())
+        raise ShardifyError(f"no usable image left in split {', '.join(empty)}: every file was skipped ({reasons})")
+    result = ShardifyResult(
+        out_dir=staging.out,
+        classes=plan.classes,
+        num_samples=num_samples,
+        num_shards={split: len(records) for split, records in shards.items()},
+        class_counts={split: {name: counts[split][label] for label, name in enumerate(plan.classes)}
+                      for split in plan.splits},
+        skipped=skipped,
+        kept_jpeg=kept,
+        converted=sum(num_samples.values()) - kept,
+        bytes_written=sum(record.bytes for records in shards.values() for record in records),
+        seconds=0.0,
+        warnings=plan.warnings,
+    )
+    return result, shards
+
+
+def _info(plan: SourcePlan, result: ShardifyResult, shards: dict[str, list[ShardRecord]],
+          options: ShardifyOptions) -> dict[str, object]:
+    """`_info.json`: timm's ReaderWds fields under "splits" (it ignores the rest) plus our own."""
+    recorded_options = {key: value for key, value in asdict(options).items()
+                        if key not in ("workers", "overwrite", "progress")}
+    return {
+        "splits": {split: {"name": split,
+                           "num_samples": result.num_samples[split],
+                           "filenames": [record.filename for record in records],
+                           "shard_lengths": [record.samples for record in records],
+                           "shard_bytes": [record.bytes for record in records]}
+                   for split, records in shards.items()},
+        "classes": plan.classes,
+        "class_counts": result.class_counts,
+        "options": {**recorded_options, "layout": plan.layout},
+        "source": str(plan.root.resolve()),
+        "tool": {"name": TOOL_NAME, "version": __version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _extra_files(plan: SourcePlan, result: ShardifyResult) -> dict[str, object]:
+    report = {
+        "source": str(plan.root.resolve()),
+        "counts": {"files": plan.num_files + len(plan.problems), "stored": sum(result.num_samples.values()),
+                   "kept_jpeg": result.kept_jpeg, "converted": result.converted, "skipped": len(result.skipped)},
+        "skipped_by_reason": result.skipped_by_reason(),
+        "skipped": [asdict(item) for item in result.skipped],
+        "warnings": plan.warnings,
+    }
+    return {"classes.json": plan.classes, "report.json": report}
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+def _positive_or_none(text: str) -> int | None:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ShardifyOptions()
+    parser = argparse.ArgumentParser(
+        prog="shardify",
+        description="Convert a class-folder image tree (SRC/<class>/..., or SRC/train/<class>/... plus "
+                    "SRC/val/<class>/...) into shuffled WebDataset shards with an _info.json that timm "
+                    "reads (--dataset wds/NAME --data-dir OUT). `shardify verify DIR` re-checks an output.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", metavar="SRC", help="folder with one subfolder per class (or train/ and val/)")
+    parser.add_argument("--out", help="output folder (default: shards/<name of SRC>); must be outside SRC")
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                        help="share of each class held out for validation when SRC has no val/ folder "
+                             "(seeded, stratified; 0 = no validation split) (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the split and of the sample order across shards (default: %(default)s)")
+    parser.add_argument("--shard-size", type=float, default=defaults.shard_size_mb, metavar="MB",
+                        help="start a new shard before one passes this size, 0 = no limit (default: %(default)s)")
+    parser.add_argument("--shard-count", type=int, default=defaults.shard_count, metavar="N",
+                        help="at most N samples per shard, 0 = no limit (default: %(default)s)")
+    parser.add_argument("--min-shards", type=int, default=defaults.min_shards, metavar="N",
+                        help="cut each split into at least N shards when it has N images or more, so "
+                             "data-loader workers and ranks all get shards (default: %(default)s)")
+    parser.add_argument("--quality", type=int, default=defaults.quality,
+                        help="JPEG quality of converted images; JPEGs needing no change are stored "
+                             "byte for byte (default: %(default)s)")
+    parser.add_argument("--max-side", type=_positive_or_none, default=None, metavar="PX",
+                        help="downscale images whose longer side exceeds PX (re-encodes them); faster "
+                             "training-time decoding, but caps the resolution for later use (default: off)")
+    parser.add_argument("--max-pixels", type=_positive_or_none, default=defaults.max_pixels, metavar="N",
+                        help="reject images with more than N pixels as decompression bombs, 0 = no limit "
+                             "(default: %(default)s, Pillow's limit)")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="decoding processes, 0 = all available cores (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (only once the new one is complete)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail (exit 3, publish nothing) as soon as any file has to be skipped")
+    parser.add_argument("--verify", action="store_true", help="run `shardify verify` on the result")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardify verify",
+        description="Re-read every shard of a shardify output: counts against _info.json, every image "
+                    "decoded, labels checked; prints a per-class table.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", metavar="DIR", help="a shardify output folder (holding _info.json)")
+    parser.add_argument("--workers", type=int, default=0, help="processes, 0 = all available cores")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _log(message: str) -> None:
+    print(f"shardify: {message}", file=sys.stderr, flush=True)
+
+
+def run_verify(out_dir: str | Path, *, workers: int = 0, progress: bool = True) -> int:
+    try:
+        result = verify(out_dir, workers=workers or None, progress=progress)
+    except (OSError, ValueError) as error:
+        _log(f"error: {error}")
+        return EXIT_VERIFY_FAILED
+    print(result.table())
+    total = sum(result.num_samples.values())
+    if result.ok:
+        print(f"verify: OK, {total:,} samples in {result.shards_checked} shards of {result.out_dir}, "
+              f"every image decoded ({result.seconds:.1f} s)")
+        return EXIT_OK
+    for problem in result.problems[:50]:
+        _log(f"problem: {problem}")
+    if len(result.problems) > 50:
+        _log(f"... {len(result.problems) - 50} more problems")
+    print(f"verify: FAILED, {len(result.problems)} problem(s) in {result.out_dir}")
+    return EXIT_VERIFY_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        verify_args = build_verify_parser().parse_args(argv[1:])
+        return run_verify(verify_args.dir, workers=verify_args.workers, progress=not verify_args.quiet)
+    args = build_parser().parse_args(argv)
+    options = ShardifyOptions(
+        val_fraction=args.val_fraction, seed=args.seed, shard_size_mb=args.shard_size,
+        shard_count=args.shard_count, min_shards=args.min_shards, quality=args.quality,
+        max_side=args.max_side, max_pixels=args.max_pixels, workers=args.workers,
+        overwrite=args.overwrite, strict=args.strict, progress=not args.quiet,
+    )
+    try:
+        result = shardify(args.src, args.out, options)
+    except ShardifyError as error:
+        _log(f"error: {error}")
+        return error.exit_code
+    except KeyboardInterrupt:
+        _log("interrupted; nothing was published")
+        return EXIT_INTERRUPTED
+    for warning in result.warnings[:10]:
+        _log(f"warning: {warning}")
+    if len(result.warnings) > 10:
+        _log(f"... {len(result.warnings) - 10} more warnings in {result.out_dir / 'report.json'}")
+    for item in result.skipped[:10]:
+        _log(f"skipped {item.path}: {item.reason} ({item.detail})")
+    if len(result.skipped) > 10:
+        _log(f"... {len(result.skipped) - 10} more skipped files in {result.out_dir / 'report.json'}")
+    print(result.summary())
+    if args.verify:
+        verified = run_verify(result.out_dir, workers=args.workers, progress=not args.quiet)
+        if verified != EXIT_OK:
+            return verified
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
