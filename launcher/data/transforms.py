@@ -1,0 +1,213 @@
+"""Decode + augment one encoded image into a uint8 CHW tensor, with timm's RSB semantics.
+
+Train = timm's ``RandomResizedCropAndInterpolation`` parameters (``get_params``) + horizontal flip +
+timm's ``rand_augment_transform`` (the very objects ``timm.data.create_transform(separate=True)``
+builds, so the random draws happen in timm's order). Eval = resize the shorter side to
+``floor(size / crop_pct)`` + center crop (timm ``transforms_imagenet_eval``). Normalization is left to
+the device (:class:`launcher.data.BatchTransform`).
+
+Why tensors for decode/crop/resize and PIL only for RandAugment (measured on photo-like 470x390
+JPEGs, one core; see benchmarks/README.md): ``torchvision.io.decode_jpeg`` decodes about as fast as
+PIL, but torch's uint8 antialiased bicubic resize is several times faster than PIL's, and RandAugment
+(timm, PIL ops) costs the same either way. When the crop is at least twice the output size in both
+directions, PIL's JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, which is
+cheaper than a full decode (common at 160 px or for large photos). Pixel values differ from timm's
+all-PIL pipeline by rounding only (tests bound the difference); the crop box, flip and RandAugment
+draws are identical.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, create_transform
+from torchvision.io import ImageReadMode, decode_jpeg
+
+_ORIENTATION_TAG = 0x0112
+_INTERPOLATION = {
+    "bicubic": TF.InterpolationMode.BICUBIC,
+    "bilinear": TF.InterpolationMode.BILINEAR,
+    "nearest": TF.InterpolationMode.NEAREST,
+}
+_PIL_TO_TV = {
+    Image.Resampling.BICUBIC: TF.InterpolationMode.BICUBIC,
+    Image.Resampling.BILINEAR: TF.InterpolationMode.BILINEAR,
+    Image.Resampling.NEAREST: TF.InterpolationMode.NEAREST,
+}
+
+
+class DecodeError(ValueError):
+    """The bytes are not a decodable image."""
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as error:
+        raise DecodeError(f"not an image: {type(error).__name__}: {error}") from None
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    if image.mode != "RGB":
+        try:
+            from launcher.images import to_rgb
+
+            image = to_rgb(image)
+        except ImportError:  # pragma: no cover
+            image = image.convert("RGB")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def decode_full(data: bytes, image: Image.Image) -> torch.Tensor:
+    """Full-size RGB uint8 CHW tensor; libjpeg-turbo via torchvision for plain JPEGs, else PIL."""
+    if image.format == "JPEG" and _orientation(image) == 1:
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            image = _open(data)  # let PIL try (and explain) before giving up
+    try:
+        image.load()
+        if _orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
+        return _pil_to_tensor(image)
+    except Exception as error:
+        raise DecodeError(f"cannot decode: {type(error).__name__}: {error}") from None
+
+
+def decode_region(
+    data: bytes, image: Image.Image, box: tuple[int, int, int, int], out_size: Sequence[int]
+) -> tuple[torch.Tensor, tuple]:
+    """Decode just enough of the image for crop ``box`` (top, left, h, w) to feed ``out_size``.
+
+    Returns the decoded tensor and the box scaled to it. Uses JPEG draft (DCT-domain downscale) when
+    the crop is at least twice the output in both directions.
+    """
+    top, left, height, width = box
+    factor = 1
+    if image.format == "JPEG" and _orientation(image) == 1:
+        while factor < 8 and height >= 2 * factor * out_size[0] and width >= 2 * factor * out_size[1]:
+            factor *= 2
+    if factor == 1:
+        return decode_full(data, image), box
+    full_w, full_h = image.size
+    try:
+        image.draft("RGB", (math.ceil(full_w / factor), math.ceil(full_h / factor)))
+        tensor = _pil_to_tensor(image)
+    except Exception as error:
+        raise DecodeError(f"cannot decode: {type(error).__name__}: {error}") from None
+    sy, sx = tensor.shape[1] / full_h, tensor.shape[2] / full_w
+    scaled = (int(top * sy), int(left * sx), max(1, round(height * sy)), max(1, round(width * sx)))
+    return tensor, scaled
+
+
+def _load_oriented(image: Image.Image) -> Image.Image:
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except Exception as error:
+        raise DecodeError(f"cannot decode: {type(error).__name__}: {error}") from None
+
+
+class TrainTransform:
+    """bytes -> uint8 [3, S, S]: random-resized-crop, flip, RandAugment (timm objects, timm's RNG order)."""
+
+    def __init__(
+        self,
+        img_size: int,
+        *,
+        auto_augment: str | None = "rand-m7-mstd0.5-inc1",
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        draft: bool = True,
+    ) -> None:
+        primary, secondary, _ = create_transform(
+            img_size, is_training=True, scale=scale, ratio=ratio, hflip=hflip, auto_augment=auto_augment,
+            interpolation=interpolation, mean=tuple(mean), color_jitter=None, separate=True,
+        )
+        self.crop = primary.transforms[0]
+        self.hflip = hflip
+        self.augment = secondary if secondary.transforms else None
+        self.size = (img_size, img_size)
+        self.draft = draft
+
+    def _interpolation(self) -> TF.InterpolationMode:
+        mode = self.crop.interpolation
+        if isinstance(mode, (tuple, list)):  # timm "random": same draw as timm makes
+            mode = random.choice(mode)
+        return _PIL_TO_TV.get(mode, mode) if not isinstance(mode, TF.InterpolationMode) else mode
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        image = _open(data)
+        oriented = _orientation(image) != 1
+        if oriented:  # rare (folder sources only): decode fully, then crop the upright image
+            image = _load_oriented(image)
+        box = self.crop.get_params(image, self.crop.scale, self.crop.ratio)  # reads the size only
+        interpolation = self._interpolation()
+        if oriented:
+            tensor = _pil_to_tensor(image)
+        elif self.draft:
+            tensor, box = decode_region(data, image, box, self.size)
+        else:
+            tensor = decode_full(data, image)
+        out = TF.resized_crop(tensor, *box, list(self.size), interpolation=interpolation, antialias=True)
+        if self.hflip > 0 and torch.rand(1) < self.hflip:
+            out = out.flip(-1)
+        if self.augment is not None:
+            augmented = self.augment(Image.fromarray(out.permute(1, 2, 0).numpy()))
+            out = torch.from_numpy(np.asarray(augmented)).permute(2, 0, 1)
+        return out
+
+
+class EvalTransform:
+    """bytes -> uint8 [3, S, S]: shorter side to floor(S / crop_pct), center crop S (timm eval)."""
+
+    def __init__(self, img_size: int, *, crop_pct: float = 0.95, interpolation: str = "bicubic") -> None:
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        if interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {interpolation!r}")
+        self.size = img_size
+        self.scale_size = math.floor(img_size / crop_pct)
+        self.interpolation = _INTERPOLATION[interpolation]
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        tensor = decode_full(data, _open(data))
+        tensor = TF.resize(tensor, [self.scale_size], interpolation=self.interpolation, antialias=True)
+        return TF.center_crop(tensor, [self.size, self.size])
+
+
+def seed_everything_for_sample(seed: int) -> None:
+    """timm's transforms draw from python ``random``, numpy's and torch's global RNGs: seed all three."""
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+
+
+class preserved_rng_state:  # noqa: N801 - used as a context manager
+    """Save and restore the global RNGs (for in-process loading, which must not disturb training RNG)."""
+
+    def __enter__(self) -> None:
+        self.state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    def __exit__(self, *exc: object) -> None:
+        random.setstate(self.state[0])
+        np.random.set_state(self.state[1])
+        torch.set_rng_state(self.state[2])

@@ -1,0 +1,66 @@
+"""Write small shard folders in the shardify format (CONTRACTS §1) with exact control over shard sizes.
+
+Images are solid colours that encode the sample index (robust to resizing), so tests can tell which
+sample ended up where after augmentation (with auto_augment=None).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+CELL = 16
+
+
+def index_colour(index: int) -> tuple[int, int, int]:
+    return (index % CELL) * CELL + 8, (index // CELL % CELL) * CELL + 8, (index // CELL**2) * CELL + 8
+
+
+def decode_index(image_chw: np.ndarray) -> int:
+    """Inverse of :func:`index_colour` from the mean colour of a uint8 [3, H, W] image."""
+    r, g, b = (int(round((float(c) - 8) / CELL)) for c in image_chw.reshape(3, -1).mean(axis=1))
+    return r + g * CELL + b * CELL**2
+
+
+def image_bytes(index: int, size: int = 12, fmt: str = "png") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size + 2), index_colour(index)).save(buffer, format=fmt.upper().replace("JPG", "JPEG"))
+    return buffer.getvalue()
+
+
+def write_split(root: Path, name: str, split: str, sizes: list[int], num_classes: int, first: int = 0,
+                fmt: str = "png") -> dict:
+    filenames, index = [], first
+    for shard, size in enumerate(sizes):
+        filename = f"{name}-{split}-{shard:06d}.tar"
+        with wds.TarWriter(str(root / filename)) as writer:
+            for _ in range(size):
+                label = index % num_classes
+                writer.write({
+                    "__key__": f"{split}_{index:08d}",
+                    fmt: image_bytes(index, fmt=fmt),
+                    "cls": str(label).encode(),
+                    "json": json.dumps({"filename": f"c{label}/{index}.{fmt}", "class": f"c{label}",
+                                        "label": label, "width": 12, "height": 14}).encode(),
+                })
+                index += 1
+        filenames.append(filename)
+    return {"name": split, "num_samples": sum(sizes), "filenames": filenames, "shard_lengths": list(sizes)}
+
+
+def write_shards(root: Path, train_sizes: list[int], val_sizes: list[int] | None = None, num_classes: int = 4,
+                 fmt: str = "png") -> Path:
+    """Train samples are indexed 0.., validation samples continue after them."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {"train": write_split(root, "toy", "train", train_sizes, num_classes, 0, fmt)}
+    if val_sizes:
+        splits["validation"] = write_split(root, "toy", "validation", val_sizes, num_classes, sum(train_sizes), fmt)
+    classes = [f"c{i}" for i in range(num_classes)]
+    (root / "classes.json").write_text(json.dumps(classes))
+    (root / "_info.json").write_text(json.dumps({"splits": splits, "classes": classes}))
+    return root
