@@ -191,7 +191,7 @@ def _torchvision_state_dict(name: str, spec: str) -> tuple[str, dict[str, torch.
         raise ValueError(f"unknown torchvision weights {spec!r} for {name}; available: {choices}") from None
     url = weights.url
     try:
-        state_dict = weights.get_state_dict(progress=True, check_hash=True)
+        state_dict = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (OSError, RuntimeError) as exc:  # URLError/HTTPError/socket errors are OSErrors
         cache_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
         raise WeightsUnavailableError(

@@ -17,7 +17,9 @@ from torch import nn
 from launcher.models import (
     RESNET_NAMES,
     FrozenStatsBatchNorm2d,
+    FrozenStatsSyncBatchNorm,
     WeightsUnavailableError,
+    convert_sync_batchnorm,
     create_resnet,
     load_weights_file,
     model_info,
@@ -283,3 +285,10 @@ def test_unwrap_model_and_weights_file_loader(tmp_path):
     assert unwrap_model(Wrapper(Wrapper(model))) is model
     torch.save({"model": {"module.fc.bias": torch.ones(3)}}, tmp_path / "c.pt")
     assert list(load_weights_file(tmp_path / "c.pt")) == ["fc.bias"]
+
+
+def test_sync_batchnorm_conversion_keeps_frozen_stages_frozen():
+    model = convert_sync_batchnorm(create_resnet("resnet18", 3, trainable_layers=2)).train()
+    assert type(model.layer3[0].bn1) is FrozenStatsSyncBatchNorm and not model.layer3[0].bn1.training
+    assert type(model.layer4[0].bn1) is nn.SyncBatchNorm and model.layer4[0].bn1.training
+    assert list(model.state_dict()) == list(torchvision.models.resnet18(num_classes=3).state_dict())

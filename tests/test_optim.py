@@ -20,6 +20,7 @@ from launcher.optim import (
     lr_scale_rule,
     param_groups,
     scaled_lr,
+    scheduled_epochs,
     sync_scheduler,
 )
 
@@ -182,6 +183,16 @@ def test_sync_scheduler_restores_the_lr_of_a_position():
         sync_scheduler(ours, epoch=42, num_updates=425)
         t = 42.5 if on_updates else 42
         assert opt.param_groups[0]["lr"] == pytest.approx(_a2_formula(t), rel=1e-12)
+
+
+def test_cooldown_epochs_run_at_min_lr():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=5e-3)
+    sched = create_scheduler(opt, epochs=300, updates_per_epoch=1, warmup_epochs=5, warmup_lr=1e-4,
+                             min_lr=1e-6, cooldown_epochs=10)
+    assert scheduled_epochs(300, 10) == 310
+    for epoch in (300, 305, 309):
+        sched.step(epoch)
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)
 
 
 def test_schedule_rejects_bad_lengths():
