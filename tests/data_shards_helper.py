@@ -27,14 +27,21 @@ def decode_index(image_chw: np.ndarray) -> int:
     return r + g * CELL + b * CELL**2
 
 
-def image_bytes(index: int, size: int = 12, fmt: str = "png") -> bytes:
+def image_bytes(index: int, size: int = 12, fmt: str = "png", noisy: bool = False) -> bytes:
+    """A solid colour coding ``index``, or (``noisy``) a seeded random texture of 3x that size."""
     buffer = io.BytesIO()
-    Image.new("RGB", (size, size + 2), index_colour(index)).save(buffer, format=fmt.upper().replace("JPG", "JPEG"))
+    if noisy:
+        rng = np.random.default_rng(index)
+        pixels = rng.integers(0, 256, (size, 4, 3), dtype=np.uint8).repeat(size // 4 * 3, axis=1)
+        image = Image.fromarray(pixels.repeat(3, axis=0))
+    else:
+        image = Image.new("RGB", (size, size + 2), index_colour(index))
+    image.save(buffer, format=fmt.upper().replace("JPG", "JPEG"))
     return buffer.getvalue()
 
 
 def write_split(root: Path, name: str, split: str, sizes: list[int], num_classes: int, first: int = 0,
-                fmt: str = "png") -> dict:
+                fmt: str = "png", noisy: bool = False) -> dict:
     filenames, index = [], first
     for shard, size in enumerate(sizes):
         filename = f"{name}-{split}-{shard:06d}.tar"
@@ -43,7 +50,7 @@ def write_split(root: Path, name: str, split: str, sizes: list[int], num_classes
                 label = index % num_classes
                 writer.write({
                     "__key__": f"{split}_{index:08d}",
-                    fmt: image_bytes(index, fmt=fmt),
+                    fmt: image_bytes(index, fmt=fmt, noisy=noisy),
                     "cls": str(label).encode(),
                     "json": json.dumps({"filename": f"c{label}/{index}.{fmt}", "class": f"c{label}",
                                         "label": label, "width": 12, "height": 14}).encode(),
@@ -54,12 +61,12 @@ def write_split(root: Path, name: str, split: str, sizes: list[int], num_classes
 
 
 def write_shards(root: Path, train_sizes: list[int], val_sizes: list[int] | None = None, num_classes: int = 4,
-                 fmt: str = "png") -> Path:
+                 fmt: str = "png", noisy: bool = False) -> Path:
     """Train samples are indexed 0.., validation samples continue after them."""
     root.mkdir(parents=True, exist_ok=True)
-    splits = {"train": write_split(root, "toy", "train", train_sizes, num_classes, 0, fmt)}
+    splits = {"train": write_split(root, "toy", "train", train_sizes, num_classes, 0, fmt, noisy)}
     if val_sizes:
-        splits["validation"] = write_split(root, "toy", "validation", val_sizes, num_classes, sum(train_sizes), fmt)
+        splits["validation"] = write_split(root, "toy", "validation", val_sizes, num_classes, sum(train_sizes), fmt, noisy)
     classes = [f"c{i}" for i in range(num_classes)]
     (root / "classes.json").write_text(json.dumps(classes))
     (root / "_info.json").write_text(json.dumps({"splits": splits, "classes": classes}))

@@ -76,6 +76,7 @@ class Dataset:
     spec: str
     classes: list[str]
     splits: dict[str, Split] = field(default_factory=dict)
+    stored_class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -99,6 +100,17 @@ class Dataset:
 
     def num_samples(self, split: str) -> int:
         return self.split(split).num_samples
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        """Samples per class name in ``split`` (from _info.json for shards, by counting for folders)."""
+        source = self.split(split)
+        if source.labels is not None:
+            counts = np.bincount(np.asarray(source.labels, dtype=np.int64), minlength=self.num_classes)
+            return {name: int(n) for name, n in zip(self.classes, counts)}
+        stored = self.stored_class_counts.get(source.name)
+        if stored is None:
+            raise DataSourceError(f"{self.spec} records no per-class counts for split {split!r}")
+        return {name: int(stored.get(name, 0)) for name in self.classes}
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{name}={s.num_samples}" for name, s in self.splits.items())
@@ -150,6 +162,8 @@ def _open_shard_folder(root: Path, train_split: str, val_split: str) -> Dataset:
     if not classes:
         raise DataSourceError(f"{info_path} lists no classes and {root / 'classes.json'} is missing")
     dataset = Dataset("shards", str(root), list(classes))
+    if isinstance(info.get("class_counts"), dict):
+        dataset.stored_class_counts = info["class_counts"]
     for name, entry in raw_splits.items():
         try:
             filenames, lengths = entry["filenames"], entry["shard_lengths"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -77,7 +78,9 @@ def decode_full(data: bytes, image: Image.Image) -> torch.Tensor:
     """Full-size RGB uint8 CHW tensor; libjpeg-turbo via torchvision for plain JPEGs, else PIL."""
     if image.format == "JPEG" and _orientation(image) == 1:
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             image = _open(data)  # let PIL try (and explain) before giving up
     try:
@@ -172,7 +175,7 @@ class TrainTransform:
             out = out.flip(-1)
         if self.augment is not None:
             augmented = self.augment(Image.fromarray(out.permute(1, 2, 0).numpy()))
-            out = torch.from_numpy(np.asarray(augmented)).permute(2, 0, 1)
+            out = torch.from_numpy(np.array(augmented, dtype=np.uint8)).permute(2, 0, 1)
         return out
 
 

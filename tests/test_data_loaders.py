@@ -1,0 +1,171 @@
+"""Train/eval loaders end to end on small shard folders written in the shardify format."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from data_shards_helper import decode_index, write_shards
+
+from launcher.data import DataSourceError, build_eval_loader, build_train_loader, open_dataset
+
+PLAIN = dict(auto_augment=None, hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # keeps the colour code intact
+
+
+def _indices(loader) -> list[list[int]]:
+    return [[decode_index(img) for img in images.numpy()] for images, _ in loader]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("toy"), [41, 3, 17], [7, 6], num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("tex"), [30, 10, 24], num_classes=3, fmt="jpg", noisy=True)
+
+
+def test_open_dataset_reads_info_and_names_missing_shards(toy, tmp_path):
+    ds = open_dataset(str(toy))
+    assert (ds.kind, ds.num_classes, ds.num_samples("train"), ds.num_samples("validation")) == ("shards", 4, 61, 13)
+    assert ds.has_split("val") and not ds.has_split("test")
+    broken = write_shards(tmp_path / "broken", [5, 5])
+    os.remove(broken / "toy-train-000001.tar")
+    with pytest.raises(DataSourceError, match="toy-train-000001.tar"):
+        open_dataset(str(broken))
+
+
+def test_url_pattern_counts_local_shards_and_requires_counts_for_remote(toy):
+    ds = open_dataset(f"{toy}/toy-train-{{000000..000002}}.tar")
+    assert ds.kind == "urls" and ds.num_samples("train") == 61 and ds.split("train").lengths.tolist() == [41, 3, 17]
+    assert ds.classes == ["c0", "c1", "c2", "c3"]  # from the folder's _info.json
+    with pytest.raises(DataSourceError, match="|N"):
+        open_dataset("pipe:cat x-{0..3}.tar", classes=4)
+    remote = open_dataset("pipe:cat x-{0..3}.tar|100", classes=4)
+    assert remote.num_samples("train") == 100 and not remote.split("train").lengths_known
+    with pytest.raises(DataSourceError, match="does-not-exist"):
+        open_dataset(f"{toy}/does-not-exist-{{0..1}}.tar")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_seed_same_batches_next_epoch_other_order(toy, workers):
+    ds = open_dataset(str(toy))
+    make = lambda seed: build_train_loader(ds, rank=0, world_size=1, micro_batch=4, img_size=8, workers=workers,  # noqa: E731
+                                           seed=seed, shuffle_buffer=8, **PLAIN)
+    first, again, other_seed = make(0), make(0), make(1)
+    epoch0 = _indices(first)
+    assert len(epoch0) == len(first) == 61 // 4
+    assert epoch0 == _indices(again)
+    assert epoch0[0] != _indices(other_seed)[0]
+    first.set_epoch(1)
+    epoch1 = _indices(first)
+    assert epoch1 != epoch0 and len(epoch1) == len(epoch0)
+    labels = [labels for _, labels in first]
+    assert all(lab.dtype == torch.int64 for lab in labels)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_set_start_resumes_bitwise(textured, workers):
+    ds = open_dataset(str(textured))
+    kwargs = dict(rank=1, world_size=2, micro_batch=4, img_size=16, workers=workers, seed=3, aug_repeats=2,
+                  shuffle_buffer=6)
+    full = build_train_loader(ds, **kwargs)
+    full.set_epoch(2)
+    reference = [(x.clone(), y.clone()) for x, y in full]
+    assert len(reference) == 8
+    for start in (3, 5):
+        resumed = build_train_loader(ds, **kwargs)
+        resumed.set_epoch(2)
+        resumed.set_start(start)
+        rest = list(resumed)
+        assert len(rest) == len(reference) - start
+        for (x, y), (rx, ry) in zip(rest, reference[start:]):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert not torch.equal(reference[0][0], reference[1][0])
+
+
+def test_each_sample_appears_repeats_times_across_ranks(tmp_path):
+    ds = open_dataset(str(write_shards(tmp_path, [40, 9, 23], num_classes=4)))  # 72 samples
+    counts, per_rank = collections.Counter(), []
+    for rank in range(3):
+        loader = build_train_loader(ds, rank=rank, world_size=3, micro_batch=4, img_size=8, workers=2,
+                                    aug_repeats=3, **PLAIN)
+        indices = [i for batch in _indices(loader) for i in batch]
+        per_rank.append(set(indices))
+        counts.update(indices)
+    assert sum(counts.values()) == 72 and set(counts.values()) == {3} and len(counts) == 24
+    assert all(len(per_rank[0] & per_rank[r]) == 24 for r in (1, 2))  # each copy on a different rank
+
+
+def test_eval_counts_each_sample_once_with_two_ranks(toy):
+    ds = open_dataset(str(toy))
+    seen = []
+    for rank in range(2):
+        loader = build_eval_loader(ds, rank=rank, world_size=2, batch_size=4, img_size=8, workers=2)
+        batches = _indices(loader)
+        assert len(batches) == len(loader)
+        seen += [i for batch in batches for i in batch]
+    assert sorted(seen) == list(range(61, 74))
+
+
+def test_truncated_shard_is_skipped_with_warning_and_epoch_completes(tmp_path, caplog):
+    root = write_shards(tmp_path, [20, 20, 20], num_classes=4)
+    shard = root / "toy-train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    ds = open_dataset(str(root))
+    with caplog.at_level(logging.WARNING, logger="launcher.data.loaders"):
+        loader = build_train_loader(ds, rank=0, world_size=1, micro_batch=4, img_size=8, workers=2, **PLAIN)
+        batches = _indices(loader)
+    assert len(batches) == len(loader) == 15 and all(len(b) == 4 for b in batches)
+    assert loader.stats.by_source[str(shard)] >= 1
+    assert any("toy-train-000001.tar" in record.getMessage() for record in caplog.records)
+
+
+def test_undecodable_sample_is_replaced_within_its_batch(tmp_path):
+    import webdataset as wds
+
+    root = write_shards(tmp_path, [12], num_classes=4)
+    tar = root / "toy-train-000000.tar"
+    samples = list(wds.WebDataset(str(tar), shardshuffle=False))
+    samples[5]["png"] = b"this is not an image"
+    with wds.TarWriter(str(tar)) as writer:
+        for sample in samples:
+            writer.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+    ds = open_dataset(str(root))
+    loader = build_train_loader(ds, rank=0, world_size=1, micro_batch=4, img_size=8, workers=0, **PLAIN)
+    batches = _indices(loader)
+    assert len(batches) == 3 and 5 not in {i for b in batches for i in b}
+    assert loader.stats.skipped == 1 and "undecodable" in loader.stats.reasons[0]
+
+
+def test_folder_source_and_shards_give_the_same_samples(tmp_path):
+    from launcher.sample_data import make_digits_tree
+    from launcher.shardify import shardify
+
+    tree = make_digits_tree(tmp_path / "digits", size=12, per_class=3, image_format="png").root
+    shardify(tree, tmp_path / "shards", val_fraction=0.0, min_shards=3, workers=1, progress=False)
+    folder, shards = open_dataset(str(tree)), open_dataset(str(tmp_path / "shards"))
+    assert folder.kind == "folder" and shards.kind == "shards" and folder.classes == shards.classes
+
+    def keys(ds):
+        from launcher.data.loaders import _read_segments
+        from launcher.data.sharding import Segment
+
+        split = ds.split("train")
+        segments = [Segment(u, 0, int(n), 0) for u, n in enumerate(split.lengths)]
+        return sorted((s.key, s.label) for s in _read_segments(split, segments, []))
+
+    assert keys(folder) == keys(shards) and len(keys(folder)) == 30
+    counts = [sum(len(y) for _, y in build_eval_loader(ds, rank=0, world_size=1, batch_size=7, img_size=8,
+                                                         workers=0, split="train")) for ds in (folder, shards)]
+    assert counts == [30, 30]
+    labels = [sorted(torch.cat([y for _, y in build_eval_loader(ds, rank=0, world_size=1, batch_size=7, img_size=8,
+                                                                 workers=0, split="train")]).tolist())
+              for ds in (folder, shards)]
+    assert labels[0] == labels[1]
+    assert np.bincount(labels[0]).tolist() == [3] * 10
