@@ -186,7 +186,7 @@ def test_cached_weights_load_offline_through_library_paths(offline, tv_resnet18)
     cache = offline / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(tv_resnet18.state_dict(), cache / "resnet18-f37072fd.pth")
-    for spec in ("IMAGENET1K_V1", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1"):
+    for spec in ("IMAGENET1K_V1", "DEFAULT", "imagenet1k_v1", "ResNet18_Weights.IMAGENET1K_V1"):
         _assert_backbone_equal(create_resnet("resnet18", 4, pretrained=spec), tv_resnet18)
     # timm: a snapshot in the Hugging Face cache layout is loaded through timm's load_pretrained.
     repo = offline / "hf_cache" / "models--timm--resnet18.a1_in1k"
