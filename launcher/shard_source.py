@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,9 +69,12 @@ def plan_source(root: str | Path, *, val_fraction: float, seed: int) -> SourcePl
     warnings: list[str] = []
     problems: list[WalkProblem] = []
     split_roots = _split_folders(root, warnings)
+    # Never re-enter SRC or a split folder from inside a class (e.g. a link "up -> .."): that would
+    # file other classes' images under this one.
+    roots = {_identity(folder) for folder in (root, *split_roots.values())}
     by_split: dict[str, dict[str, list[str]]] = {}
     for split, folder in split_roots.items():
-        by_split[split] = _class_files(folder, problems, warnings)
+        by_split[split] = _class_files(folder, roots, problems, warnings)
     classes = sorted({name for files in by_split.values() for name, paths in files.items() if paths})
     if not classes:
         where = ", ".join(str(folder) for folder in split_roots.values())
@@ -173,7 +177,13 @@ def _split_folders(root: Path, warnings: list[str]) -> dict[str, Path]:
     return {TRAIN: root}
 
 
-def _class_files(folder: Path, problems: list[WalkProblem], warnings: list[str]) -> dict[str, list[str]]:
+def _identity(path: str | Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _class_files(folder: Path, roots: set[tuple[int, int]], problems: list[WalkProblem], warnings: list[str]
+                 ) -> dict[str, list[str]]:
     """{class name: file paths below that class folder, in a deterministic order}."""
     loose = 0
     try:
@@ -185,7 +195,7 @@ def _class_files(folder: Path, problems: list[WalkProblem], warnings: list[str])
         if entry.name.startswith("."):
             continue
         if _is_dir(entry):
-            files[entry.name] = walk_files(Path(entry.path), problems, warnings)
+            files[entry.name] = walk_files(Path(entry.path), problems, warnings, skip=roots)
         else:
             loose += 1
     if loose:
@@ -193,16 +203,17 @@ def _class_files(folder: Path, problems: list[WalkProblem], warnings: list[str])
     return files
 
 
-def walk_files(top: Path, problems: list[WalkProblem], warnings: list[str]) -> list[str]:
+def walk_files(top: Path, problems: list[WalkProblem], warnings: list[str],
+               skip: Iterable[tuple[int, int]] = ()) -> list[str]:
     """Every non-hidden non-directory entry below ``top`` (depth first, sorted by name).
 
     Directories are identified by (device, inode) after following symlinks; one seen before in this
-    walk is not entered again, so symlink loops end. Entries that are neither files nor folders
-    (dangling symlinks, FIFOs) are returned too: the decoder rejects them with a reason, so they show
-    up in the report instead of vanishing.
+    walk (or listed in ``skip``) is not entered again, so symlink loops end. Entries that are neither
+    files nor folders (dangling symlinks, FIFOs) are returned too: the decoder rejects them with a
+    reason, so they show up in the report instead of vanishing.
     """
     files: list[str] = []
-    visited: set[tuple[int, int]] = set()
+    visited: set[tuple[int, int]] = set(skip)
     stack = [str(top)]
     while stack:
         folder = stack.pop()
