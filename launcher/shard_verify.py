@@ -9,7 +9,6 @@ and per-class counts match `_info.json`, keys are unique. Shards are checked in 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import tarfile
 import time
@@ -22,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from launcher.images import ImageRejected, decode_bytes
+from launcher.shard_encode import pool_context
 from launcher.shard_writer import INFO_NAME
 
 MAX_ERRORS_PER_SHARD = 20
@@ -182,7 +182,7 @@ def verify(out_dir: str | Path, *, workers: int | None = None, progress: bool = 
             checks.append(_check_shard_task(task))
             bar.update(1)
     else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
             for check in pool.map(_check_shard_task, tasks):
                 checks.append(check)
                 bar.update(1)

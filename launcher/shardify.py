@@ -223,8 +223,8 @@ def _write(plan: SourcePlan, staging: OutputStaging, options: ShardifyOptions, s
     counts: dict[str, Counter[int]] = {split: Counter() for split in plan.splits}
     kept = 0
     workers = min(options.resolved_workers(), max(1, len(work)))
-    bar = tqdm(total=len(work), unit="img", desc="shardify", disable=None if options.progress else True)
     stream = encode_stream((item.path for _, _, item in work), len(work), options.policy(), workers)
+    bar = tqdm(total=len(work), unit="img", desc="shardify", disable=None if options.progress else True)
     try:
         for (split, index, item), encoded in zip(work, stream):
             if isinstance(encoded, EncodedImage):
