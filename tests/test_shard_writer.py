@@ -1,0 +1,75 @@
+"""launcher.shard_writer: hand-written tar members match the tarfile library byte for byte; shard
+limits; temporary names until publish."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from launcher.shard_writer import OutputError, OutputStaging, SplitWriter, shard_prefix
+
+
+def library_tar(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_shards_are_byte_identical_to_tarfile_output(tmp_path: Path) -> None:
+    samples = [(f"train_{i:08d}", {"jpg": os.urandom(100 + 700 * i), "cls": str(i).encode(), "json": b"{}"})
+               for i in range(7)]
+    writer = SplitWriter(tmp_path, "ds", "train", max_samples=3)
+    for key, members in samples:
+        writer.write(key, members)
+    records = writer.close()
+    assert [(r.filename, r.samples) for r in records] == [
+        ("ds-train-000000.tar", 3), ("ds-train-000001.tar", 3), ("ds-train-000002.tar", 1)]
+    for index, record in enumerate(records):
+        chunk = samples[3 * index: 3 * index + 3]
+        expected = library_tar([(f"{key}.{ext}", data) for key, members in chunk for ext, data in members.items()])
+        written = (tmp_path / (record.filename + ".tmp")).read_bytes()
+        assert written == expected
+        assert record.bytes == len(written)
+
+
+def test_size_limit_starts_a_new_shard_before_passing_it(tmp_path: Path) -> None:
+    writer = SplitWriter(tmp_path, "ds", "validation", max_bytes=12_000)
+    for i in range(6):
+        writer.write(f"validation_{i:08d}", {"jpg": bytes(3000), "cls": b"0", "json": b"{}"})
+    records = writer.close()
+    # A sample takes 5,632 tar bytes (3 headers + 3,072 + 512 + 512 padded data): 3 would pass 12,000.
+    assert [r.samples for r in records] == [2, 2, 2]
+    with tarfile.open(tmp_path / "ds-validation-000001.tar.tmp") as tar:
+        assert tar.getnames()[0] == "validation_00000002.jpg"
+
+
+def test_staging_publishes_atomically_and_cleans_up_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "shards" / "ds"
+    with pytest.raises(RuntimeError), OutputStaging(out, overwrite=False) as staging:
+        writer = SplitWriter(staging.staging, "ds", "train")
+        writer.write("train_00000000", {"jpg": b"x", "cls": b"0", "json": b"{}"})
+        raise RuntimeError("encoding failed")
+    assert not out.exists() and not staging.staging.exists()
+
+    with OutputStaging(out, overwrite=False) as staging:
+        writer = SplitWriter(staging.staging, "ds", "train")
+        writer.write("train_00000000", {"jpg": b"x", "cls": b"0", "json": b"{}"})
+        records = writer.close()
+        with pytest.raises(OutputError, match="another shardify run"):
+            OutputStaging(out, overwrite=True).__enter__()
+        staging.publish(records, {"classes.json": ["a"]}, {"splits": {}})
+    assert sorted(p.name for p in out.iterdir()) == ["_info.json", "classes.json", "ds-train-000000.tar"]
+
+
+def test_shard_prefix_is_file_name_safe() -> None:
+    assert shard_prefix("my photos.v2") == "my_photos_v2"
+    assert shard_prefix("ünï-côdé") == "ünï-côdé"
+    assert shard_prefix("...") == "dataset"
