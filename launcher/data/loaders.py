@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -205,10 +206,13 @@ def _worker_init(_: int) -> None:
 
 
 def _make_dataloader(stream: IterableDataset, workers: int, pin_memory: bool, prefetch: int) -> DataLoader:
+    # fork starts workers in milliseconds; the inherited default can be spawn (inside a process started by
+    # multiprocessing spawn) or forkserver (Python >= 3.14), which re-import torch and timm per worker.
+    context = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
     return DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None, multiprocessing_context=context if workers > 0 else None,
     )
 
 
