@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tarfile
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ class SplitWriter:
     split: str
     max_bytes: int = 0
     max_samples: int = 0
+    syncer: ThreadPoolExecutor | None = None  # fsyncs finished shards in the background (None: inline)
     shards: list[ShardRecord] = field(default_factory=list)
+    _syncs: list[Future[None]] = field(default_factory=list)
     _file: io.BufferedWriter | None = None
     _samples: int = 0
     _bytes: int = 0
@@ -104,14 +107,18 @@ class SplitWriter:
         self._bytes += size
 
     def close(self) -> list[ShardRecord]:
+        """Finish the last shard and wait until every shard is on disk; returns all shards."""
         if self._file is not None:
             self._finish_shard()
+        for sync in self._syncs:
+            sync.result()  # re-raises a failed flush (disk full, I/O error)
         return self.shards
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
         self._file = None
+        wait(self._syncs)
 
     def _start_shard(self) -> None:
         name = shard_name(self.prefix, self.split, len(self.shards))
@@ -122,13 +129,22 @@ class SplitWriter:
     def _finish_shard(self) -> None:
         assert self._file is not None
         self._file.write(tar_trailer(self._file.tell()))
-        self._file.flush()
-        os.fsync(self._file.fileno())
         size = self._file.tell()
-        self._file.close()
+        if self.syncer is None:
+            _fsync_and_close(self._file)
+        else:  # the disk flush overlaps with encoding the next shard
+            self._syncs.append(self.syncer.submit(_fsync_and_close, self._file))
         name = shard_name(self.prefix, self.split, len(self.shards))
         self.shards.append(ShardRecord(name, self._samples, size))
         self._file = None
+
+
+def _fsync_and_close(handle: io.BufferedWriter) -> None:
+    try:
+        handle.flush()
+        os.fsync(handle.fileno())
+    finally:
+        handle.close()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -217,13 +218,18 @@ def _write(plan: SourcePlan, staging: OutputStaging, options: ShardifyOptions, s
     """Encode every planned file in order and append it to its split's shards (still temp names)."""
     prefix = shard_prefix(staging.out.name)
     max_bytes = int(options.shard_size_mb * 1e6)
-    writers = {split: SplitWriter(staging.staging, prefix, split, max_bytes, _shard_sample_limit(len(files), options))
+    writers = {split: SplitWriter(staging.staging, prefix, split, max_bytes,
+                                  _shard_sample_limit(len(files), options))
                for split, files in plan.splits.items()}
     work = [(split, index, item) for split, files in plan.splits.items() for index, item in enumerate(files)]
     counts: dict[str, Counter[int]] = {split: Counter() for split in plan.splits}
     kept = 0
     workers = min(options.resolved_workers(), max(1, len(work)))
     stream = encode_stream((item.path for _, _, item in work), len(work), options.policy(), workers)
+    # Threads only after the worker processes were forked (inside encode_stream).
+    syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
+    for writer in writers.values():
+        writer.syncer = syncer
     bar = tqdm(total=len(work), unit="img", desc="shardify", disable=None if options.progress else True)
     try:
         for (split, index, item), encoded in zip(work, stream):
@@ -244,6 +250,7 @@ def _write(plan: SourcePlan, staging: OutputStaging, options: ShardifyOptions, s
                     raise StrictFailure(f"--strict: {item.relpath}: {reason}: {detail}")
                 bar.set_postfix_str(f"skipped {len(skipped)}", refresh=False)
             bar.update()
+        shards = {split: writer.close() for split, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -251,7 +258,7 @@ def _write(plan: SourcePlan, staging: OutputStaging, options: ShardifyOptions, s
     finally:
         stream.close()  # shuts the pool down, also when stopping early
         bar.close()
-    shards = {split: writer.close() for split, writer in writers.items()}
+        syncer.shutdown(wait=True)
     num_samples = {split: sum(counts[split].values()) for split in plan.splits}
     empty = [split for split, n in num_samples.items() if n == 0]
     if empty:
