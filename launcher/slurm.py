@@ -182,10 +182,12 @@ def _defaults(job: SlurmJob, template: str) -> list[str]:
         "EXTRA_ARGS": " ".join(job.extra_args) if job.extra_args else None,
     }
     lines = [_assign(name, value) for name, value in values.items() if value is not None]
+    # recipes/finetune.py names its initial weights --weights; the training recipes --pretrained.
+    flag = "--weights" if template == "finetune" else "--pretrained"
     if job.pretrained:
-        lines.append(f'EXTRA_ARGS="--pretrained {shlex.quote(job.pretrained)} ${{EXTRA_ARGS:-}}"')
+        lines.append(f'EXTRA_ARGS="{flag} {shlex.quote(job.pretrained)} ${{EXTRA_ARGS:-}}"')
     elif template == "finetune":
-        lines.append('[[ -n "${PRETRAINED:-}" ]] && EXTRA_ARGS="--pretrained $PRETRAINED ${EXTRA_ARGS:-}"')
+        lines.append(f'[[ -n "${{PRETRAINED:-}}" ]] && EXTRA_ARGS="{flag} $PRETRAINED ${{EXTRA_ARGS:-}}"')
     # The rendered file may live anywhere: point it at this checkout unless told otherwise.
     lines.append(_assign("LAUNCHER_HOME", str(REPO)))
     return lines
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--procs-per-node", type=int, default=None, help="processes per node (default: GPUs per node)")
     g.add_argument("--accelerate-config", default=None, help="e.g. recipes/accelerate/deepspeed_zero2.yaml")
     g.add_argument("--max-requeues", type=int, default=None, help="requeue limit (default 20)")
-    g.add_argument("--pretrained", default=None, help="initial weights for fine-tuning (name or file)")
+    g.add_argument("--pretrained", default=None, help="initial weights (torchvision/timm name or file; --weights for finetune, --pretrained otherwise)")
     g.add_argument("--python", default=None, help="interpreter on the nodes (default: <repo>/.venv/bin/python)")
     g = p.add_argument_group("what to do")
     g.add_argument("--dry-run", action="store_true", help="print the script and stop")

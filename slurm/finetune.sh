@@ -8,8 +8,10 @@
 #   MODEL=resnet18 PRETRAINED=/path/to/resnet18.pt sbatch slurm/finetune.sh
 #   EXTRA_ARGS="--epochs 30 --trainable-layers 2" sbatch --gpus-per-node=2 slurm/finetune.sh
 #
-# PRETRAINED (optional): initial weights, a torchvision/timm name or a local file (passed as
-# --pretrained); unset = the recipe's default. Offline clusters: point it at a local file.
+# PRETRAINED (optional): initial weights, a torchvision name (DEFAULT, IMAGENET1K_V1), a timm name
+# (resnet50.a1_in1k) or a local file, passed as --weights; unset = the recipe's default. Offline
+# clusters: point it at a local file. The fine-tuning options (--batch-size, --epochs, --lr,
+# --trainable-layers, --auto, ...) and every training option go in EXTRA_ARGS.
 #
 # Time limit / preemption: 120 s before the limit Slurm sends USR1 to this script
 # (--signal=B:USR1@120; Slurm checks limits about every 30 s, so it can come that much earlier);
@@ -37,7 +39,7 @@
 
 RECIPE="${RECIPE:-finetune}"
 MODEL="${MODEL:-resnet50}"
-[[ -n "${PRETRAINED:-}" ]] && EXTRA_ARGS="--pretrained $PRETRAINED ${EXTRA_ARGS:-}"
+[[ -n "${PRETRAINED:-}" ]] && EXTRA_ARGS="--weights $PRETRAINED ${EXTRA_ARGS:-}"
 
 # sbatch runs a copy of this file from its spool folder: find the repository from the submitted path.
 for LAUNCHER_HOME in "${LAUNCHER_HOME:-}" \

@@ -162,7 +162,14 @@ nodes_ready() {
 start() {
     [[ "$(id -u)" == 0 ]] || die "needs root (installs packages, writes $CONF, starts daemons)"
     install_packages
+    local before=""
+    [[ -f "$CONF" ]] && before="$(cat "$CONF" "$CONF_DIR/gres.conf" 2>/dev/null)"
     write_config
+    if [[ "$before" != "$(cat "$CONF" "$CONF_DIR/gres.conf")" ]] && alive "$RUN_DIR/slurmctld.pid"; then
+        log "configuration changed: restarting the daemons"
+        stop
+        sleep 1
+    fi
     start_munge
     if ! alive "$RUN_DIR/slurmctld.pid"; then
         # -c: start from a clean job state; -i: ignore stale state files.

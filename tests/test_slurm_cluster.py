@@ -1,0 +1,207 @@
+"""The sbatch templates on a live Slurm cluster (.ci/slurm/cluster.sh start: two slurmd on this host).
+
+Three jobs of the real template slurm/resnet18.sh, configured only through the environment (plus
+sbatch's --nodes), run side by side: tiny CPU trainings of the real engine on 60 sklearn digits.
+  reference: 2 nodes x 1 process, uninterrupted           -> summary.json, world size 2
+  drill:     the same job, sent USR1 mid-training          -> checkpoint, requeue, resume, and the
+             (scancel --signal=USR1 --batch)                  final weights equal the reference's, bit for bit
+  broken:    a data path that does not exist               -> FAILED, never requeued
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "slurm" / "resnet18.sh"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+JOB_TIMEOUT_S = 420
+# 60 images, global batch 8 -> 7 steps per epoch; 4 epochs = 28 steps, long enough to signal mid-run.
+TRAIN_ARGS = (
+    "--img-size 32 --epochs 4 --warmup-epochs 0 --global-batch 8 --micro-batch 4 --workers 0 --no-progress "
+    "--val-split= --log-every 1 --precision fp32 --aug-repeats 0 --mixup 0 --cutmix 0 --auto-augment none "
+    "--threads 1 --seed 3"
+)
+FINAL_STEP = 28
+
+
+def cluster_problem() -> str | None:
+    """Why the Slurm tests cannot run here, or None."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return "Slurm client tools not installed (run .ci/slurm/cluster.sh start as root)"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "slurmctld does not answer (scontrol ping timed out)"
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        return f"no slurmctld reachable (scontrol ping: {ping.stdout.strip() or ping.stderr.strip()})"
+    usable = [line for line in nodes.stdout.splitlines() if re.search(r" (idle|mix|alloc)$", line)]
+    if len(usable) < 2:
+        return f"fewer than 2 usable nodes: {nodes.stdout.strip()!r}"
+    return None
+
+
+_PROBLEM = cluster_problem()
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))]
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+@dataclass
+class Job:
+    name: str
+    job_id: str
+    log: Path
+    run_dir: Path
+    events: list[str] = field(default_factory=list)
+
+    def wait(self, *, restarts: int = 0, timeout: float = JOB_TIMEOUT_S) -> dict[str, str]:
+        """Poll scontrol until the job is in a terminal state after ``restarts`` requeues."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = job_info(self.job_id)
+            if info.get("JobState") in TERMINAL and int(info.get("Restarts", 0)) >= restarts:
+                return info
+            time.sleep(1.0)
+        subprocess.run(["scancel", self.job_id])
+        pytest.fail(f"job {self.name} ({self.job_id}) not finished after {timeout:.0f} s: {info}\n{self.diagnostics()}")
+
+    def diagnostics(self) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else "(no job log)"
+        return f"--- events: {self.events}\n--- job log {self.log}:\n{text[-6000:]}"
+
+
+def submit(name: str, tmp: Path, **env: str) -> Job:
+    unique = f"{name}-{uuid.uuid4().hex[:6]}"
+    log = tmp / f"{unique}.out"
+    job_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    job_env.pop("LAUNCHER_HOME", None)  # the template must find the repository by itself
+    job_env.update(
+        SBATCH_JOB_NAME=unique, SBATCH_OUTPUT=str(log), SBATCH_GPUS_PER_NODE="0", SBATCH_TIMELIMIT="15:00",
+        RUNS_DIR=str(tmp / "runs"), DEVICE="cpu", MODEL="resnet18", PYTHON=sys.executable, EXTRA_ARGS=TRAIN_ARGS,
+        **env,
+    )
+    result = subprocess.run(["sbatch", "--parsable", "--nodes=2", str(TEMPLATE)], cwd=tmp, env=job_env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"sbatch failed: {result.stderr}"
+    job_id = result.stdout.strip().split(";")[0]
+    return Job(unique, job_id, log, tmp / "runs" / f"{unique}-{job_id}")
+
+
+def trained_steps(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return 0
+    steps = [0]
+    for line in metrics.read_text().splitlines():
+        try:  # the last line may be half-written
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "train":
+            steps.append(int(record.get("step", 0)))
+    return max(steps)
+
+
+def preempt_mid_run(job: Job, after_step: int = 2, timeout: float = JOB_TIMEOUT_S) -> None:
+    """Send USR1 to the batch shell (as Slurm does before the time limit) once training is under way."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job_info(job.job_id).get("JobState") in TERMINAL:
+            job.events.append("finished before it could be signalled")
+            return
+        step = trained_steps(job.run_dir)
+        if step >= after_step:
+            subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=False)
+            job.events.append(f"USR1 sent at step {step}")
+            return
+        time.sleep(0.3)
+    job.events.append("training never started")
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory):
+    from launcher.sample_data import make_digits_tree
+
+    tmp = tmp_path_factory.mktemp("slurm")
+    data = tmp / "digits"
+    make_digits_tree(data, size=32, per_class=6)
+    submitted = {
+        "reference": submit("ref", tmp, DATA=str(data)),
+        "drill": submit("drill", tmp, DATA=str(data)),
+        "broken": submit("broken", tmp, DATA=str(tmp / "no-such-dataset")),
+    }
+    signaller = threading.Thread(target=preempt_mid_run, args=(submitted["drill"],), daemon=True)
+    signaller.start()
+    submitted["signaller"] = signaller  # type: ignore[assignment]
+    yield submitted
+    for job in submitted.values():
+        if isinstance(job, Job) and job_info(job.job_id).get("JobState") not in TERMINAL:
+            subprocess.run(["scancel", job.job_id])
+
+
+def test_two_node_training_through_the_template(jobs: dict[str, Job]) -> None:
+    job = jobs["reference"]
+    info = job.wait()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", job.diagnostics()
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2, summary
+    assert summary["steps"] == FINAL_STEP and summary["stop_reason"] == "completed"
+    log = job.log.read_text()
+    assert "2 node(s) x 1 process(es) = 2 on cpu" in log
+    assert not (job.run_dir / "PREEMPTED").exists()
+
+
+def test_preemption_drill_requeues_and_resumes_exactly(jobs: dict[str, Job]) -> None:
+    import torch
+
+    job = jobs["drill"]
+    jobs["signaller"].join(timeout=JOB_TIMEOUT_S)  # type: ignore[attr-defined]
+    info = job.wait(restarts=1)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job.diagnostics()
+    preemptions = [json.loads(line) for line in (job.run_dir / "preemptions.jsonl").read_text().splitlines()]
+    assert len(preemptions) == 1 and preemptions[0]["signal"] == "SIGUSR1", job.diagnostics()
+    stopped_at = preemptions[0]["step"]
+    assert 0 < stopped_at < FINAL_STEP, job.diagnostics()
+    log = job.log.read_text()
+    assert "requeueing job" in log and f"at step {stopped_at}" in log, job.diagnostics()
+    assert not (job.run_dir / "PREEMPTED").exists()
+
+    reference = jobs["reference"]
+    assert reference.wait()["JobState"] == "COMPLETED", reference.diagnostics()
+    ours = torch.load(job.run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    theirs = torch.load(reference.run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    assert ours["step"] == theirs["step"] == FINAL_STEP
+    assert ours["model"].keys() == theirs["model"].keys()
+    different = [k for k in ours["model"] if not torch.equal(ours["model"][k], theirs["model"][k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
+    assert json.loads((job.run_dir / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_real_error_fails_without_requeue(jobs: dict[str, Job]) -> None:
+    job = jobs["broken"]
+    info = job.wait()
+    assert info["JobState"] == "FAILED", job.diagnostics()
+    time.sleep(3)  # a (wrong) requeue would show up within a scheduling cycle
+    info = job_info(job.job_id)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", job.diagnostics()
+    log = job.log.read_text()
+    assert "no-such-dataset" in log and "not requeueing" in log, job.diagnostics()
+    assert not (job.run_dir / "summary.json").exists()
