@@ -1,0 +1,299 @@
+"""Building a run's parts (data, model, batching, optimizer, schedule) and its exact-resume state.
+
+Split from ``engine.py`` so the loop reads on its own. Everything here runs on every rank and gives
+the same result on every rank, except the RNG states, which are per rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from launcher import batching
+from launcher.checkpoint import FORMAT_VERSION, capture_rng_state, model_state_dict, restore_rng_state
+from launcher.config import ConfigError, TrainConfig, mixing_enabled
+
+log = logging.getLogger("launcher.engine")
+
+
+@dataclasses.dataclass
+class RunParts:
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    batch_transform: Any
+    ema: Any
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    micro_batch: int
+    accumulation: int
+    updates_per_epoch: int
+    lr: float
+    num_classes: int
+    classes: list[str]
+    config_dict: dict[str, Any]
+    data_kind: str
+    train_samples: int
+    val_samples: int
+
+
+def _open_data(cfg: TrainConfig) -> Any:
+    from launcher.data import open_dataset
+
+    try:
+        return open_dataset(cfg.data, train_split=cfg.train_split, val_split=cfg.val_split or "validation")
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ConfigError(f"data={cfg.data!r}: {exc}") from None
+
+
+def _micro_batch(cfg: TrainConfig, model: torch.nn.Module, accelerator: Accelerator, num_classes: int) -> int:
+    world, even = accelerator.num_processes, mixing_enabled(cfg)
+    if cfg.micro_batch:
+        return cfg.micro_batch
+    if accelerator.device.type != "cuda":
+        return batching.default_cpu_micro_batch(cfg.global_batch, world, even=even)
+    candidates = batching.micro_batch_candidates(cfg.global_batch, world, even=even, limit=batching.MAX_PROBE_BATCH)
+    found = batching.probe_micro_batch(model, candidates, img_size=cfg.img_size, num_classes=num_classes,
+                                       device=accelerator.device, autocast=accelerator.autocast,
+                                       channels_last=cfg.channels_last)
+    if world > 1:  # the smallest device decides, so every rank accumulates the same number of steps
+        value = torch.tensor([found], device=accelerator.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        found = int(value.item())
+    return found
+
+
+def _class_weights(cfg: TrainConfig, ds: Any, num_classes: int) -> torch.Tensor | None:
+    if cfg.class_weights == "none":
+        return None
+    counts_fn = getattr(ds, "class_counts", None)
+    if counts_fn is None:
+        raise ConfigError("class_weights='balanced' needs per-class counts, which this data source does not provide")
+    counts = counts_fn(cfg.train_split)
+    values = [counts.get(name, 0) if isinstance(counts, dict) else counts[i] for i, name in enumerate(ds.classes)]
+    total = sum(values)
+    # sklearn's "balanced": n_samples / (n_classes * count_c); absent classes get weight 0.
+    return torch.tensor([total / (num_classes * c) if c else 0.0 for c in values], dtype=torch.float32)
+
+
+def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
+    from launcher.data import BatchTransform, build_eval_loader, build_train_loader
+    from launcher.models import convert_sync_batchnorm, create_resnet
+    from launcher.optim import create_loss, create_optimizer, create_scheduler
+
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    ds = _open_data(cfg)
+    num_classes = cfg.num_classes or ds.num_classes
+    if num_classes < ds.num_classes:
+        raise ConfigError(f"num_classes={num_classes} is smaller than the {ds.num_classes} classes in {cfg.data}")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every run with this seed
+    model = create_resnet(cfg.model, num_classes, drop_path=cfg.drop_path, zero_init_last=cfg.zero_init_last,
+                          pretrained=cfg.pretrained, trainable_layers=cfg.trainable_layers_value())
+    if cfg.sync_bn and world > 1:
+        model = convert_sync_batchnorm(model)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    micro = _micro_batch(cfg, model, accelerator, num_classes)
+    accumulation = batching.accumulation_steps(cfg.global_batch, world, micro)
+    if mixing_enabled(cfg) and micro % 2:
+        raise ConfigError(f"micro_batch={micro} must be even when mixup/cutmix is on")
+    accelerator.gradient_accumulation_steps = accumulation
+
+    loader_kwargs: dict[str, Any] = dict(
+        rank=rank, world_size=world, micro_batch=micro, img_size=cfg.img_size, auto_augment=cfg.auto_augment,
+        aug_repeats=cfg.aug_repeats, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+        interpolation=cfg.interpolation, workers=cfg.workers, seed=cfg.seed, split=cfg.train_split,
+        pin_memory=cfg.pin_memory and device.type == "cuda")
+    accepted = inspect.signature(build_train_loader).parameters
+    if cfg.balanced_sampling:
+        if "balanced" not in accepted:
+            raise ConfigError("balanced_sampling is not supported by the data layer of this version")
+        loader_kwargs["balanced"] = True
+    train_loader = build_train_loader(ds, **loader_kwargs)
+    updates = len(train_loader) // accumulation
+    if cfg.limit_train_batches:
+        updates = min(updates, cfg.limit_train_batches)
+    train_samples = ds.num_samples(cfg.train_split)
+    if updates < 1:
+        raise ConfigError(f"the training split has {train_samples} images, fewer than one global batch "
+                          f"(global_batch={cfg.global_batch}); lower --global-batch")
+
+    eval_loaders: dict[str, Any] = {}
+    val_samples = 0
+    if cfg.val_split and ds.has_split(cfg.val_split):
+        val_samples = ds.num_samples(cfg.val_split)
+        eval_batch = cfg.eval_batch or 2 * micro
+        sizes = [("val", cfg.img_size)]
+        if cfg.test_img_size and cfg.test_img_size != cfg.img_size:
+            sizes.append((f"val@{cfg.test_img_size}", cfg.test_img_size))
+        for tag, size in sizes:
+            eval_loaders[tag] = build_eval_loader(ds, rank=rank, world_size=world, batch_size=eval_batch,
+                                                  img_size=size, crop_pct=cfg.crop_pct,
+                                                  interpolation=cfg.interpolation, workers=cfg.workers,
+                                                  split=cfg.val_split)
+
+    lr = cfg.resolved_lr()
+    optimizer = create_optimizer(model, cfg.opt, lr, cfg.weight_decay, momentum=cfg.momentum)
+    scheduler = create_scheduler(optimizer, epochs=cfg.epochs, updates_per_epoch=updates,
+                                 warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                                 on_updates=cfg.sched_on_updates)
+    weight = _class_weights(cfg, ds, num_classes)
+    loss_fn = create_loss(cfg.loss, bce_target_thresh=cfg.bce_target_thresh, smoothing=cfg.smoothing,
+                          weight=weight).to(device)
+    batch_transform = BatchTransform(num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                                     mix_prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
+                                     mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                                     channels_last=cfg.channels_last)
+    ema = None
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+    if cfg.compile:
+        model = torch.compile(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = micro
+        ds_config["gradient_accumulation_steps"] = accumulation
+        ds_config["train_batch_size"] = cfg.global_batch
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    config_dict = dict(cfg.to_dict(), num_classes=num_classes, micro_batch=micro)
+    return RunParts(model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                    batch_transform=batch_transform, ema=ema, train_loader=train_loader,
+                    eval_loaders=eval_loaders, micro_batch=micro, accumulation=accumulation,
+                    updates_per_epoch=updates, lr=lr, num_classes=num_classes, classes=list(ds.classes),
+                    config_dict=config_dict, data_kind=str(getattr(ds, "kind", "?")),
+                    train_samples=train_samples, val_samples=val_samples)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact-resume state
+# --------------------------------------------------------------------------------------------------
+
+def _is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def resumable_state(parts: RunParts, accelerator: Accelerator, progress: dict[str, Any],
+                    output: Path) -> dict[str, Any]:
+    """Everything an identical continuation needs. Collective: every rank must call it."""
+    rng = [capture_rng_state()]
+    if accelerator.num_processes > 1:
+        gathered: list[Any] = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, rng[0])
+        rng = gathered
+    optimizer_state = None
+    if _is_deepspeed(accelerator):  # ZeRO partitions the optimizer state: DeepSpeed writes its own files
+        accelerator.save_state(str(output / "checkpoints" / "deepspeed"))
+    else:
+        optimizer_state = parts.optimizer.state_dict()
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_state_dict(accelerator.unwrap_model(parts.model)),
+        "config": parts.config_dict,
+        "classes": parts.classes,
+        "epoch": progress["epoch"],
+        "step": progress["step"],
+        "optimizer": optimizer_state,
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": scaler,
+        "ema": model_state_dict(parts.ema.module) if parts.ema is not None else None,
+        "rng": rng,
+        "progress": progress,
+        "data_position": {"epoch": progress["epoch"], "update": progress["update"],
+                          "micro_batch_index": progress["update"] * parts.accumulation},
+        "world_size": accelerator.num_processes,
+        "micro_batch": parts.micro_batch,
+        "accumulation": parts.accumulation,
+        "best_top1": progress["best_top1"],
+        "wandb_run_id": progress["wandb_id"],
+    }
+
+
+def restore(state: dict[str, Any], parts: RunParts, accelerator: Accelerator, progress_cls: type) -> Any:
+    """Load a resumable checkpoint into the prepared parts; returns the restored progress."""
+    if state.get("progress") is None or ("optimizer" not in state):
+        raise ConfigError("resume: this checkpoint holds weights only (e.g. best.pt); resume from last.pt "
+                          "or a step-*.pt file")
+    old = state["config"]
+    for key in ("model", "global_batch", "epochs", "img_size", "opt", "num_classes"):
+        new = parts.config_dict.get(key)
+        if old.get(key) != new:
+            log.warning("resume: %s changed from %r to %r; the continuation differs from the original run",
+                        key, old.get(key), new)
+    accelerator.unwrap_model(parts.model).load_state_dict(state["model"])
+    if _is_deepspeed(accelerator):
+        accelerator.load_state(str(Path(state["config"]["output"]) / "checkpoints" / "deepspeed"))
+    else:
+        parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None:
+        if state.get("ema") is not None:
+            parts.ema.module.load_state_dict(state["ema"])
+        else:
+            log.warning("resume: the checkpoint has no EMA weights; the EMA restarts from the current weights")
+            parts.ema.module.load_state_dict(accelerator.unwrap_model(parts.model).state_dict())
+    same_layout = (state["world_size"] == accelerator.num_processes and state["micro_batch"] == parts.micro_batch)
+    rank = accelerator.process_index
+    if same_layout:
+        restore_rng_state(state["rng"][rank])
+    else:
+        from launcher.engine import seed_everything
+
+        log.warning("resume: world size / micro-batch changed (%d x %d -> %d x %d): training continues at the same "
+                    "step with the same global batch, but data order and augmentation differ from the original",
+                    state["world_size"], state["micro_batch"], accelerator.num_processes, parts.micro_batch)
+        seed_everything(parts.config_dict["seed"] + rank + 1000 * state["step"])
+    fields = {f.name for f in dataclasses.fields(progress_cls)}
+    return progress_cls(**{k: v for k, v in state["progress"].items() if k in fields})
+
+
+def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, precision: str, output: Path,
+                   resumed_from: Path | None, step: int) -> list[str]:
+    """The resolved numbers, in one readable block."""
+    from launcher.models import model_info
+
+    info = model_info(parts.model)
+    world = accelerator.num_processes
+    total_updates = cfg.epochs * parts.updates_per_epoch
+    sched = "per update" if cfg.sched_on_updates else "per epoch"
+    mix = f"mixup {cfg.mixup:g} / cutmix {cfg.cutmix:g}" if mixing_enabled(cfg) else "no mixup/cutmix"
+    thresh = f", target threshold {cfg.bce_target_thresh:g}" if cfg.loss == "bce" and cfg.bce_target_thresh else ""
+    backend = accelerator.distributed_type.value
+    if world > 1 and torch.distributed.is_initialized():
+        backend += f", {torch.distributed.get_backend()}"
+    evals = ", ".join(f"{tag}" for tag in parts.eval_loaders) or "none (no validation split)"
+    return [
+        f"resnet-launcher train: recipe {cfg.recipe}, {cfg.model} ({info['params'] / 1e6:.1f}M params, "
+        f"{info['trainable_params'] / 1e6:.1f}M trainable), {parts.num_classes} classes",
+        f"  data        {cfg.data} ({parts.data_kind}): {parts.train_samples} train / {parts.val_samples} "
+        f"validation images, {cfg.workers} workers per process",
+        f"  hardware    {accelerator.device.type} x {world} process(es) ({backend}); precision {precision}, "
+        f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}",
+        f"  batch       global {cfg.global_batch} = micro {parts.micro_batch} x accumulation "
+        f"{parts.accumulation} x world {world}"
+        + (" (micro-batch probed)" if not cfg.micro_batch and accelerator.device.type == "cuda" else ""),
+        f"  schedule    {cfg.epochs} epochs x {parts.updates_per_epoch} updates = {total_updates} updates; "
+        f"warmup {cfg.warmup_epochs} epochs from {cfg.warmup_lr:g}, cosine to {cfg.min_lr:g}, stepped {sched}",
+        f"  lr          {parts.lr:.4g} ({cfg.lr_rule()})",
+        f"  optimizer   {cfg.opt}, weight decay {cfg.weight_decay:g} (none on BN/bias); loss {cfg.loss}{thresh}, "
+        f"smoothing {cfg.smoothing:g}; {mix}; drop-path {cfg.drop_path:g}; EMA {'on' if cfg.model_ema else 'off'}",
+        f"  augment     {cfg.img_size}px, RandAugment {cfg.auto_augment or 'off'}, repeats {cfg.aug_repeats}; "
+        f"eval {evals} (crop {cfg.crop_pct:g}, {cfg.interpolation})",
+        f"  output      {output}" + (f"; resumed from {resumed_from} at step {step}" if resumed_from else ""),
+    ]
