@@ -9,7 +9,6 @@ and per-class counts match `_info.json`, keys are unique. Shards are checked in 
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 import time
 from collections import Counter
@@ -21,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from launcher.images import ImageRejected, decode_bytes
-from launcher.shard_encode import pool_context
+from launcher.shard_blocks import available_cores, pool_context
 from launcher.shard_writer import INFO_NAME
 
 MAX_ERRORS_PER_SHARD = 20
@@ -174,7 +173,7 @@ def verify(out_dir: str | Path, *, workers: int | None = None, progress: bool = 
         if len(filenames) != len(lengths) or sum(lengths) != entry.get("num_samples"):
             problems.append(f"{INFO_NAME}: split {split} has inconsistent filenames/shard_lengths/num_samples")
         tasks += [(out_dir / name, split, len(classes), size) for name, size in zip(filenames, sizes)]
-    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks) or 1))
+    workers = max(1, min(workers or available_cores(), len(tasks) or 1))
     bar = tqdm(total=len(tasks), unit="shard", desc="verify", disable=None if progress else True)
     checks: list[ShardCheck] = []
     if workers == 1:

@@ -1,9 +1,9 @@
 """Write WebDataset tars safely: temporary names while writing, one atomic publish at the end.
 
 A run builds everything in a hidden staging folder next to the output (same filesystem, so renames
-are atomic): shards are ``*.tar.tmp`` until the whole dataset is written, then renamed, then
-``_info.json`` is written last, then the staging folder is renamed to the output folder. An
-interrupted run therefore leaves the previous output (if any) untouched and nothing complete-looking.
+are atomic): shards are ``*.tar.tmp`` until the whole dataset is written, then renamed to their
+final names (numbered in order), then ``_info.json`` is written last, then the staging folder is
+renamed to the output folder. An interrupted run therefore leaves the previous output (if any) untouched and nothing complete-looking.
 A lock file keeps two runs from writing the same output at once.
 """
 
@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import tarfile
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,24 +65,22 @@ def _tar_member_size(size: int) -> int:
 
 @dataclass
 class ShardRecord:
-    filename: str  # final name, relative to the output folder
+    temp_name: str  # file in the staging folder while the run goes on (ends in .tar.tmp)
     samples: int
     bytes: int
+    filename: str = ""  # final name relative to the output folder, given in order once all is written
 
 
 @dataclass
-class SplitWriter:
-    """Appends samples to ``<prefix>-<split>-NNNNNN.tar.tmp`` files, starting a new shard when the next
-    sample would pass ``max_bytes`` or the shard already holds ``max_samples`` (0 = no limit)."""
+class TarWriter:
+    """Appends samples to ``<stem>-NNN.tar.tmp`` files in ``folder``, starting a new file when the next
+    sample would pass ``max_bytes`` or the file already holds ``max_samples`` (0 = no limit)."""
 
     folder: Path
-    prefix: str
-    split: str
+    stem: str
     max_bytes: int = 0
     max_samples: int = 0
-    syncer: ThreadPoolExecutor | None = None  # fsyncs finished shards in the background (None: inline)
     shards: list[ShardRecord] = field(default_factory=list)
-    _syncs: list[Future[None]] = field(default_factory=list)
     _file: io.BufferedWriter | None = None
     _samples: int = 0
     _bytes: int = 0
@@ -107,44 +104,40 @@ class SplitWriter:
         self._bytes += size
 
     def close(self) -> list[ShardRecord]:
-        """Finish the last shard and wait until every shard is on disk; returns all shards."""
+        """Finish the last file; returns every file written (not yet fsynced: see :func:`fsync_file`)."""
         if self._file is not None:
             self._finish_shard()
-        for sync in self._syncs:
-            sync.result()  # re-raises a failed flush (disk full, I/O error)
         return self.shards
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
         self._file = None
-        wait(self._syncs)
+
+    def _temp_name(self) -> str:
+        return f"{self.stem}-{len(self.shards):03d}.tar{TMP_SUFFIX}"
 
     def _start_shard(self) -> None:
-        name = shard_name(self.prefix, self.split, len(self.shards))
         # Stays open across write() calls; _finish_shard or abort closes it.
-        self._file = open(self.folder / (name + TMP_SUFFIX), "wb")  # noqa: SIM115
+        self._file = open(self.folder / self._temp_name(), "wb")  # noqa: SIM115
         self._samples = self._bytes = 0
 
     def _finish_shard(self) -> None:
         assert self._file is not None
         self._file.write(tar_trailer(self._file.tell()))
         size = self._file.tell()
-        if self.syncer is None:
-            _fsync_and_close(self._file)
-        else:  # the disk flush overlaps with encoding the next shard
-            self._syncs.append(self.syncer.submit(_fsync_and_close, self._file))
-        name = shard_name(self.prefix, self.split, len(self.shards))
-        self.shards.append(ShardRecord(name, self._samples, size))
+        self._file.close()
+        self.shards.append(ShardRecord(self._temp_name(), self._samples, size))
         self._file = None
 
 
-def _fsync_and_close(handle: io.BufferedWriter) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush one written file to disk (done off the encoding path, in a background thread)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        handle.flush()
-        os.fsync(handle.fileno())
+        os.fsync(fd)
     finally:
-        handle.close()
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -249,7 +242,7 @@ class OutputStaging:
         """Rename the shards to their final names, write ``extra_files`` then ``_info.json``, and move
         the finished folder into place (replacing an old output only now that the new one is complete)."""
         for record in shards:
-            os.rename(self.staging / (record.filename + TMP_SUFFIX), self.staging / record.filename)
+            os.rename(self.staging / record.temp_name, self.staging / record.filename)
         for name, payload in extra_files.items():
             write_json_atomic(self.staging / name, payload)
         write_json_atomic(self.staging / INFO_NAME, info)

@@ -15,12 +15,11 @@ Python API::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,11 +27,24 @@ from pathlib import Path
 from tqdm import tqdm
 
 from launcher import __version__
-from launcher.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, EncodedImage, ImagePolicy
-from launcher.shard_encode import encode_stream
-from launcher.shard_source import SourceError, SourcePlan, plan_source, samples_per_shard_cap
+from launcher.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, ImagePolicy
+from launcher.shard_blocks import (
+    BlockResult,
+    BlockRunner,
+    available_cores,
+    estimate_sample_bytes,
+    plan_blocks,
+)
+from launcher.shard_source import SourceError, SourceFile, SourcePlan, plan_source, samples_per_shard_cap
 from launcher.shard_verify import VerifyResult, verify
-from launcher.shard_writer import OutputError, OutputStaging, ShardRecord, SplitWriter, shard_prefix
+from launcher.shard_writer import (
+    OutputError,
+    OutputStaging,
+    ShardRecord,
+    fsync_file,
+    shard_name,
+    shard_prefix,
+)
 
 __all__ = ["ShardifyOptions", "ShardifyResult", "ShardifyError", "SkippedFile", "VerifyResult", "main",
            "shardify", "verify"]
@@ -92,7 +104,7 @@ class ShardifyOptions:
         return ImagePolicy(quality=self.quality, max_side=self.max_side, max_pixels=self.max_pixels)
 
     def resolved_workers(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
+        return self.workers or available_cores()
 
     def validate(self) -> None:
         checks = [
@@ -208,57 +220,61 @@ def _relative(path: str, src: Path) -> str:
     return Path(os.path.relpath(path, src)).as_posix()
 
 
-def _shard_sample_limit(num_files: int, options: ShardifyOptions) -> int:
-    limits = [n for n in (options.shard_count, samples_per_shard_cap(num_files, options.min_shards)) if n]
+def _samples_per_block(files: list[SourceFile], options: ShardifyOptions) -> int:
+    """Samples per shard: the tightest of --shard-count, --min-shards and --shard-size (estimated from
+    source file sizes; the byte limit is still enforced exactly while writing)."""
+    limits = [options.shard_count, samples_per_shard_cap(len(files), options.min_shards)]
+    if options.shard_size_mb and files:
+        per_sample = estimate_sample_bytes([item.path for item in files], options.seed)
+        limits.append(max(1, int(options.shard_size_mb * 1e6) // per_sample))
+    limits = [n for n in limits if n]
     return min(limits) if limits else 0
 
 
 def _write(plan: SourcePlan, staging: OutputStaging, options: ShardifyOptions, skipped: list[SkippedFile]
            ) -> tuple[ShardifyResult, dict[str, list[ShardRecord]]]:
-    """Encode every planned file in order and append it to its split's shards (still temp names)."""
+    """Encode every planned file into shards (still under temporary names) with all workers."""
     prefix = shard_prefix(staging.out.name)
-    max_bytes = int(options.shard_size_mb * 1e6)
-    writers = {split: SplitWriter(staging.staging, prefix, split, max_bytes,
-                                  _shard_sample_limit(len(files), options))
-               for split, files in plan.splits.items()}
-    work = [(split, index, item) for split, files in plan.splits.items() for index, item in enumerate(files)]
+    tasks = [task for split, files in plan.splits.items()
+             for task in plan_blocks(split, [(f.path, f.relpath, f.label) for f in files],
+                                     samples_per_block=_samples_per_block(files, options), prefix=prefix,
+                                     folder=str(staging.staging), classes=plan.classes,
+                                     policy=options.policy(), max_bytes=int(options.shard_size_mb * 1e6),
+                                     strict=options.strict)]
+    results: dict[tuple[str, int], BlockResult] = {}
+    with BlockRunner(min(options.resolved_workers(), len(tasks))) as runner:
+        # Threads only now that the worker processes exist.
+        syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
+        syncs: list[Future[None]] = []
+        bar = tqdm(total=plan.num_files, unit="img", desc="shardify", disable=None if options.progress else True)
+        try:
+            for block in runner.run(tasks, bar.update):
+                results[(block.split, block.block)] = block
+                # Flush finished shards to disk in the background while encoding goes on.
+                syncs += [syncer.submit(fsync_file, staging.staging / shard.temp_name) for shard in block.shards]
+                if block.skipped:
+                    bar.set_postfix_str(f"skipped {sum(len(r.skipped) for r in results.values())}", refresh=False)
+                    if options.strict:
+                        _, relpath, reason, detail = block.skipped[0]
+                        raise StrictFailure(f"--strict: {relpath}: {reason}: {detail}")
+            for sync in syncs:
+                sync.result()  # re-raises a failed flush (disk full, I/O error)
+        finally:
+            bar.close()
+            syncer.shutdown(wait=True)
+
+    # Everything is written: number the shards and gather the counts in plan order.
+    shards: dict[str, list[ShardRecord]] = {split: [] for split in plan.splits}
     counts: dict[str, Counter[int]] = {split: Counter() for split in plan.splits}
     kept = 0
-    workers = min(options.resolved_workers(), max(1, len(work)))
-    stream = encode_stream((item.path for _, _, item in work), len(work), options.policy(), workers)
-    # Threads only after the worker processes were forked (inside encode_stream).
-    syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
-    for writer in writers.values():
-        writer.syncer = syncer
-    bar = tqdm(total=len(work), unit="img", desc="shardify", disable=None if options.progress else True)
-    try:
-        for (split, index, item), encoded in zip(work, stream):
-            if isinstance(encoded, EncodedImage):
-                meta = {"filename": item.relpath, "class": plan.classes[item.label], "label": item.label,
-                        "width": encoded.width, "height": encoded.height}
-                writers[split].write(f"{split}_{index:08d}", {
-                    "jpg": encoded.data,
-                    "cls": str(item.label).encode("ascii"),
-                    "json": json.dumps(meta).encode("utf-8"),
-                })
-                counts[split][item.label] += 1
-                kept += encoded.kept
-            else:
-                reason, detail = encoded
-                skipped.append(SkippedFile(item.relpath, reason, detail))
-                if options.strict:
-                    raise StrictFailure(f"--strict: {item.relpath}: {reason}: {detail}")
-                bar.set_postfix_str(f"skipped {len(skipped)}", refresh=False)
-            bar.update()
-        shards = {split: writer.close() for split, writer in writers.items()}
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        stream.close()  # shuts the pool down, also when stopping early
-        bar.close()
-        syncer.shutdown(wait=True)
+    for task in tasks:
+        block = results[(task.split, task.block)]
+        for record in block.shards:
+            record.filename = shard_name(prefix, task.split, len(shards[task.split]))
+            shards[task.split].append(record)
+        counts[task.split].update(block.label_counts)
+        kept += block.kept
+        skipped += [SkippedFile(relpath, reason, detail) for _, relpath, reason, detail in block.skipped]
     num_samples = {split: sum(counts[split].values()) for split in plan.splits}
     empty = [split for split, n in num_samples.items() if n == 0]
     if empty:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.shard_writer import OutputError, OutputStaging, SplitWriter, shard_prefix
+from launcher.shard_writer import OutputError, OutputStaging, TarWriter, shard_prefix
 
 
 def library_tar(members: list[tuple[str, bytes]]) -> bytes:
@@ -26,43 +26,45 @@ def library_tar(members: list[tuple[str, bytes]]) -> bytes:
 def test_shards_are_byte_identical_to_tarfile_output(tmp_path: Path) -> None:
     samples = [(f"train_{i:08d}", {"jpg": os.urandom(100 + 700 * i), "cls": str(i).encode(), "json": b"{}"})
                for i in range(7)]
-    writer = SplitWriter(tmp_path, "ds", "train", max_samples=3)
+    writer = TarWriter(tmp_path, "ds-train-block000000", max_samples=3)
     for key, members in samples:
         writer.write(key, members)
     records = writer.close()
-    assert [(r.filename, r.samples) for r in records] == [
-        ("ds-train-000000.tar", 3), ("ds-train-000001.tar", 3), ("ds-train-000002.tar", 1)]
+    assert [(r.temp_name, r.samples) for r in records] == [
+        ("ds-train-block000000-000.tar.tmp", 3), ("ds-train-block000000-001.tar.tmp", 3),
+        ("ds-train-block000000-002.tar.tmp", 1)]
     for index, record in enumerate(records):
         chunk = samples[3 * index: 3 * index + 3]
         expected = library_tar([(f"{key}.{ext}", data) for key, members in chunk for ext, data in members.items()])
-        written = (tmp_path / (record.filename + ".tmp")).read_bytes()
+        written = (tmp_path / record.temp_name).read_bytes()
         assert written == expected
         assert record.bytes == len(written)
 
 
 def test_size_limit_starts_a_new_shard_before_passing_it(tmp_path: Path) -> None:
-    writer = SplitWriter(tmp_path, "ds", "validation", max_bytes=12_000)
+    writer = TarWriter(tmp_path, "v", max_bytes=12_000)
     for i in range(6):
         writer.write(f"validation_{i:08d}", {"jpg": bytes(3000), "cls": b"0", "json": b"{}"})
     records = writer.close()
     # A sample takes 5,632 tar bytes (3 headers + 3,072 + 512 + 512 padded data): 3 would pass 12,000.
     assert [r.samples for r in records] == [2, 2, 2]
-    with tarfile.open(tmp_path / "ds-validation-000001.tar.tmp") as tar:
+    with tarfile.open(tmp_path / "v-001.tar.tmp") as tar:
         assert tar.getnames()[0] == "validation_00000002.jpg"
 
 
 def test_staging_publishes_atomically_and_cleans_up_on_failure(tmp_path: Path) -> None:
     out = tmp_path / "shards" / "ds"
     with pytest.raises(RuntimeError), OutputStaging(out, overwrite=False) as staging:
-        writer = SplitWriter(staging.staging, "ds", "train")
+        writer = TarWriter(staging.staging, "ds")
         writer.write("train_00000000", {"jpg": b"x", "cls": b"0", "json": b"{}"})
         raise RuntimeError("encoding failed")
     assert not out.exists() and not staging.staging.exists()
 
     with OutputStaging(out, overwrite=False) as staging:
-        writer = SplitWriter(staging.staging, "ds", "train")
+        writer = TarWriter(staging.staging, "ds")
         writer.write("train_00000000", {"jpg": b"x", "cls": b"0", "json": b"{}"})
         records = writer.close()
+        records[0].filename = "ds-train-000000.tar"
         with pytest.raises(OutputError, match="another shardify run"):
             OutputStaging(out, overwrite=True).__enter__()
         staging.publish(records, {"classes.json": ["a"]}, {"splits": {}})
