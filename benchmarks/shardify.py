@@ -23,6 +23,8 @@ import json
 import math
 import os
 import platform
+import resource
+import shlex
 import shutil
 import statistics
 import sys
@@ -111,9 +113,25 @@ def shardify_run(src: Path, out: Path, workers: int) -> float:
     return seconds
 
 
-def best_rate(count: int, measure, repeats: int) -> tuple[float, list[float]]:
-    rates = [count / measure() for _ in range(repeats)]
-    return max(rates), rates
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by this process and by its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def best_rate(count: int, measure, repeats: int) -> tuple[float, list[float], dict[str, float]]:
+    """Best images/s over ``repeats`` runs, every rate, and the CPU ms per image of the best run
+    (main process and worker processes apart: CPU time is far less disturbed by other jobs than
+    wall time, and it shows how much work the main process does)."""
+    rates, cpu = [], []
+    for _ in range(repeats):
+        main_before, children_before = _cpu_seconds()
+        rates.append(count / measure())
+        main_after, children_after = _cpu_seconds()
+        cpu.append({"main": round(1000 * (main_after - main_before) / count, 3),
+                    "workers": round(1000 * (children_after - children_before) / count, 3)})
+    best = max(range(repeats), key=rates.__getitem__)
+    return rates[best], rates, cpu[best]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where photos and shards go (default: a temp dir)")
     parser.add_argument("--workers", type=int, default=0, help="the 'all workers' count (0: all usable cores)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. how quiet the machine was)")
     args = parser.parse_args(argv)
 
     workers = args.workers or len(os.sched_getaffinity(0))
@@ -138,14 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     count = len(files)
 
     print("measuring plain loop ...", flush=True)
-    plain, plain_all = best_rate(count, lambda: plain_loop(files, workdir / "plain"), args.repeats)
+    plain, plain_all, plain_cpu = best_rate(count, lambda: plain_loop(files, workdir / "plain"), args.repeats)
     print(f"  {plain:,.0f} img/s", flush=True)
     print("measuring shardify, 1 worker ...", flush=True)
-    single, single_all = best_rate(count, lambda: shardify_run(workdir / "photos", workdir / "one", 1),
+    single, single_all, single_cpu = best_rate(count, lambda: shardify_run(workdir / "photos", workdir / "one", 1),
                                    args.repeats)
     print(f"  {single:,.0f} img/s", flush=True)
     print(f"measuring shardify, {workers} workers ...", flush=True)
-    multi, multi_all = best_rate(count, lambda: shardify_run(workdir / "photos", workdir / "all", workers),
+    multi, multi_all, multi_cpu = best_rate(count, lambda: shardify_run(workdir / "photos", workdir / "all", workers),
                                  args.repeats)
     print(f"  {multi:,.0f} img/s", flush=True)
 
@@ -153,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     scaling = multi / single
     result = {
         "benchmark": "shardify images/s on photo-like JPEGs (stored byte for byte after a full decode)",
+        "command": shlex.join(["python", "benchmarks/shardify.py", *(argv if argv is not None else sys.argv[1:])]),
+        "note": args.note,
         "machine": description,
         "dataset": {"images": count, "classes": NUM_CLASSES, "mean_kb": round(statistics.mean(sizes) / 1000, 1),
                     "example_size": list(first_size), "jpeg_quality": PHOTO_QUALITY},
@@ -162,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "all_runs_images_per_s": {"plain_loop": [round(r, 1) for r in plain_all],
                                   "shardify_1_worker": [round(r, 1) for r in single_all],
                                   f"shardify_{workers}_workers": [round(r, 1) for r in multi_all]},
+        "cpu_ms_per_image": {"plain_loop": plain_cpu, "shardify_1_worker": single_cpu,
+                             f"shardify_{workers}_workers": multi_cpu},
         "workers": workers,
         "scaling": round(scaling, 3),
         "targets": {
