@@ -90,13 +90,14 @@ def _members(encoded: EncodedImage, relpath: str, label: int, classes: list[str]
     return {"jpg": encoded.data, "cls": str(label).encode("ascii"), "json": json.dumps(meta).encode("utf-8")}
 
 
-def plan_blocks(split: str, items: list[tuple[str, str, int]], *, samples_per_block: int,
-                **common: Any) -> list[BlockTask]:
-    """Cut one split's ordered items into consecutive blocks of ``samples_per_block``."""
+def plan_blocks(split: str, items: list[tuple[str, str, int]], *, samples_per_block: int, prefix: str,
+                folder: str, classes: list[str], policy: ImagePolicy, max_bytes: int, strict: bool
+                ) -> list[BlockTask]:
+    """Cut one split's ordered items into consecutive blocks of ``samples_per_block`` (0: one block)."""
     size = samples_per_block or max(1, len(items))
     return [BlockTask(split=split, block=block, first_index=start, items=items[start:start + size],
-                      stem=f"{common['prefix']}-{split}-block{block:06d}",
-                      **{k: v for k, v in common.items() if k != "prefix"})
+                      folder=folder, stem=f"{prefix}-{split}-block{block:06d}", classes=classes,
+                      policy=policy, max_bytes=max_bytes, strict=strict)
             for block, start in enumerate(range(0, len(items), size))]
 
 
