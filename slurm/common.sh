@@ -234,9 +234,11 @@ slurm_main() {
         bash -c 'source "$LAUNCHER_HOME/slurm/common.sh" && slurm_node "$SLURM_NODEID" "$@"' slurm-node \
         "${LAUNCH_ARGS[@]}" "$RECIPE_SCRIPT" "${TRAIN_ARGS[@]}" &
     srun_pid=$!
-    # srun passes USR1/TERM on to every process of the step (see slurm_node for who acts on them).
+    # srun passes USR1 on to every process of the step (see slurm_node for who acts on it). TERM must
+    # not go through srun, which answers it by SIGKILLing the step; scancel without --batch/--full
+    # signals the step's processes directly.
     trap 'signalled=USR1; slurm_log "USR1 received: asking the ranks to checkpoint"; kill -USR1 "$srun_pid" 2>/dev/null' USR1
-    trap 'signalled=TERM; slurm_log "TERM received: asking the ranks to checkpoint"; kill -TERM "$srun_pid" 2>/dev/null' TERM
+    trap 'signalled=TERM; slurm_log "TERM received: asking the ranks to checkpoint"; scancel --signal=TERM "$SLURM_JOB_ID"' TERM
     while true; do
         wait "$srun_pid"
         rc=$?

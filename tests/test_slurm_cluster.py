@@ -3,9 +3,11 @@
 Three jobs of the real template slurm/resnet18.sh, configured only through the environment (plus
 sbatch's --nodes), run side by side: tiny CPU trainings of the real engine on 60 sklearn digits.
   reference: 2 nodes x 1 process, uninterrupted           -> summary.json, world size 2
-  drill:     the same job, sent USR1 mid-training          -> checkpoint, requeue, resume, and the
-             (scancel --signal=USR1 --batch)                  final weights equal the reference's, bit for bit
-  broken:    a data path that does not exist               -> FAILED, never requeued
+  drill:     the same job, sent USR1 mid-training, then    -> checkpoint, requeue, resume, twice; the
+             TERM mid-way through the requeued attempt        final weights equal the reference's, bit for bit
+             (scancel --signal=... --batch)
+  broken:    a data path that does not exist, submitted    -> FAILED, never requeued
+             with `launcher slurm --submit`
 """
 
 from __future__ import annotations
@@ -88,11 +90,17 @@ class Job:
         return f"--- events: {self.events}\n--- job log {self.log}:\n{text[-6000:]}"
 
 
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env.pop("LAUNCHER_HOME", None)  # the scripts must find the repository by themselves
+    return env
+
+
 def submit(name: str, tmp: Path, **env: str) -> Job:
+    """sbatch the real template, configured through the environment only (plus --nodes)."""
     unique = f"{name}-{uuid.uuid4().hex[:6]}"
     log = tmp / f"{unique}.out"
-    job_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    job_env.pop("LAUNCHER_HOME", None)  # the template must find the repository by itself
+    job_env = clean_env()
     job_env.update(
         SBATCH_JOB_NAME=unique, SBATCH_OUTPUT=str(log), SBATCH_GPUS_PER_NODE="0", SBATCH_TIMELIMIT="15:00",
         RUNS_DIR=str(tmp / "runs"), DEVICE="cpu", MODEL="resnet18", PYTHON=sys.executable, EXTRA_ARGS=TRAIN_ARGS,
@@ -103,6 +111,20 @@ def submit(name: str, tmp: Path, **env: str) -> Job:
     assert result.returncode == 0, f"sbatch failed: {result.stderr}"
     job_id = result.stdout.strip().split(";")[0]
     return Job(unique, job_id, log, tmp / "runs" / f"{unique}-{job_id}")
+
+
+def submit_rendered(name: str, tmp: Path, data: Path) -> Job:
+    """`launcher slurm --submit`: a script rendered for a 2-node CPU partition, submitted as it is."""
+    unique = f"{name}-{uuid.uuid4().hex[:6]}"
+    log = tmp / f"{unique}.out"
+    argv = [sys.executable, "-m", "launcher.cli", "slurm", "--nodes", "2", "--gpus-per-node", "0",
+            "--time", "15:00", "--job-name", unique, "--log", str(log), "--model", "resnet18", "--data", str(data),
+            "--runs-dir", str(tmp / "runs"), "--python", sys.executable, "--out", str(tmp / f"{unique}.sbatch"),
+            "--submit", "--", *TRAIN_ARGS.split()]
+    result = subprocess.run(argv, cwd=tmp, env=clean_env(), capture_output=True, text=True, timeout=120)
+    match = re.search(r"Submitted batch job (\d+)", result.stdout)
+    assert result.returncode == 0 and match, f"launcher slurm --submit failed: {result.stdout}{result.stderr}"
+    return Job(unique, match.group(1), log, tmp / "runs" / f"{unique}-{match.group(1)}")
 
 
 def trained_steps(run_dir: Path) -> int:
@@ -120,20 +142,27 @@ def trained_steps(run_dir: Path) -> int:
     return max(steps)
 
 
-def preempt_mid_run(job: Job, after_step: int = 2, timeout: float = JOB_TIMEOUT_S) -> None:
-    """Send USR1 to the batch shell (as Slurm does before the time limit) once training is under way."""
+def preempt_twice(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
+    """Signal the batch shell mid-training twice: USR1 (what Slurm sends before the time limit, and at
+    preemption with preempt_send_user_signal), then, in the requeued attempt, TERM (preemption)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if job_info(job.job_id).get("JobState") in TERMINAL:
-            job.events.append("finished before it could be signalled")
+    plan = [("USR1", 0, 2), ("TERM", 1, 3)]  # (signal, attempt's restart count, steps into the attempt)
+    start_step = 0
+    while plan and time.monotonic() < deadline:
+        info = job_info(job.job_id)
+        if info.get("JobState") in TERMINAL:
+            job.events.append(f"finished before SIG{plan[0][0]} could be sent")
             return
+        signal, restarts, steps_in = plan[0]
         step = trained_steps(job.run_dir)
-        if step >= after_step:
-            subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=False)
-            job.events.append(f"USR1 sent at step {step}")
-            return
+        if info.get("JobState") == "RUNNING" and int(info.get("Restarts", 0)) == restarts and step >= start_step + steps_in:
+            subprocess.run(["scancel", f"--signal={signal}", "--batch", job.job_id], check=False)
+            job.events.append(f"SIG{signal} sent at step {step}")
+            start_step = step
+            plan.pop(0)
         time.sleep(0.3)
-    job.events.append("training never started")
+    if plan:
+        job.events.append(f"gave up waiting to send SIG{plan[0][0]}")
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +175,9 @@ def jobs(tmp_path_factory: pytest.TempPathFactory):
     submitted = {
         "reference": submit("ref", tmp, DATA=str(data)),
         "drill": submit("drill", tmp, DATA=str(data)),
-        "broken": submit("broken", tmp, DATA=str(tmp / "no-such-dataset")),
+        "broken": submit_rendered("broken", tmp, tmp / "no-such-dataset"),
     }
-    signaller = threading.Thread(target=preempt_mid_run, args=(submitted["drill"],), daemon=True)
+    signaller = threading.Thread(target=preempt_twice, args=(submitted["drill"],), daemon=True)
     signaller.start()
     submitted["signaller"] = signaller  # type: ignore[assignment]
     yield submitted
@@ -174,14 +203,18 @@ def test_preemption_drill_requeues_and_resumes_exactly(jobs: dict[str, Job]) -> 
 
     job = jobs["drill"]
     jobs["signaller"].join(timeout=JOB_TIMEOUT_S)  # type: ignore[attr-defined]
-    info = job.wait(restarts=1)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job.diagnostics()
+    info = job.wait(restarts=2)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", job.diagnostics()
     preemptions = [json.loads(line) for line in (job.run_dir / "preemptions.jsonl").read_text().splitlines()]
-    assert len(preemptions) == 1 and preemptions[0]["signal"] == "SIGUSR1", job.diagnostics()
-    stopped_at = preemptions[0]["step"]
-    assert 0 < stopped_at < FINAL_STEP, job.diagnostics()
+    assert [p["signal"] for p in preemptions] == ["SIGUSR1", "SIGTERM"], job.diagnostics()
+    stops = [p["step"] for p in preemptions]
+    assert 0 < stops[0] < stops[1] < FINAL_STEP, job.diagnostics()
     log = job.log.read_text()
-    assert "requeueing job" in log and f"at step {stopped_at}" in log, job.diagnostics()
+    assert log.count("requeueing job") == 2, job.diagnostics()
+    # Resumed, not restarted: every optimizer step was trained (and logged) exactly once over the attempts.
+    steps = [json.loads(line)["step"] for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "train"]
+    assert steps == list(range(1, FINAL_STEP + 1)), steps
     assert not (job.run_dir / "PREEMPTED").exists()
 
     reference = jobs["reference"]

@@ -113,6 +113,8 @@ JobRequeue=1
 SchedulerParameters=sched_interval=2,bf_interval=2
 MinJobAge=3600
 KillWait=10
+# Preemption sends the job's --signal (USR1: checkpoint and requeue) instead of only SIGTERM.
+SlurmctldParameters=preempt_send_user_signal
 MessageTimeout=20
 SlurmdTimeout=60
 InactiveLimit=0
