@@ -169,3 +169,16 @@ def test_folder_source_and_shards_give_the_same_samples(tmp_path):
               for ds in (folder, shards)]
     assert labels[0] == labels[1]
     assert np.bincount(labels[0]).tolist() == [3] * 10
+
+
+def test_streamed_pipe_urls_with_only_a_total_count(toy):
+    ds = open_dataset(f"pipe:cat {toy}/toy-train-{{000000..000002}}.tar|61", classes=4)
+    assert not ds.split("train").lengths_known  # assumed 21/20/20 per shard; real 41/3/17
+    train = build_train_loader(ds, rank=0, world_size=1, micro_batch=4, img_size=8, workers=2, **PLAIN)
+    batches = _indices(train)
+    assert len(batches) == len(train) == 15 and all(len(b) == 4 for b in batches)
+    seen = []
+    for rank in range(2):  # unknown counts: whole shards per rank x worker, each sample still once
+        seen += [i for b in _indices(build_eval_loader(ds, rank=rank, world_size=2, batch_size=4, img_size=8,
+                                                       workers=2, split="train")) for i in b]
+    assert sorted(seen) == list(range(61))
