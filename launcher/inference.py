@@ -22,10 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torchvision.transforms import v2 as T  # noqa: N812
 
 from launcher.modelcards import IMAGE_EXTENSIONS
 
@@ -46,13 +44,12 @@ class LoadedModel:
     def img_size(self) -> int:
         return int(self.config.get("test_img_size") or self.config.get("img_size") or 224)
 
-    def eval_transform(self, img_size: int | None = None) -> T.Compose:
-        """PIL RGB image -> uint8 CHW tensor, the same geometry as the validation loader."""
-        size = img_size or self.img_size
-        crop_pct = float(self.config.get("crop_pct", 0.95))
-        interpolation = T.InterpolationMode(self.config.get("interpolation", "bicubic"))
-        return T.Compose([T.PILToTensor(), T.Resize(int(math.floor(size / crop_pct)), interpolation=interpolation,
-                                                     antialias=True), T.CenterCrop(size)])
+    def eval_transform(self, img_size: int | None = None) -> Any:
+        """Encoded image bytes -> uint8 CHW tensor: the validation loader's own transform."""
+        from launcher.data import EvalTransform
+
+        return EvalTransform(img_size or self.img_size, crop_pct=float(self.config.get("crop_pct", 0.95)),
+                             interpolation=str(self.config.get("interpolation", "bicubic")))
 
     def normalize(self, images_u8: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images_u8.device).view(1, 3, 1, 1) * 255
@@ -289,18 +286,17 @@ def collect_images(target: str | Path) -> list[Path]:
 class _ImageFiles(torch.utils.data.Dataset):
     """(index, uint8 image or None, error text) so one bad file never stops the batch."""
 
-    def __init__(self, paths: list[Path], transform: T.Compose) -> None:
+    def __init__(self, paths: list[Path], transform: Any) -> None:
         self.paths, self.transform = paths, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        from launcher.images import ImageRejected, load_rgb
+        from launcher.images import ImageRejected, read_file_bytes
 
         try:
-            image: Image.Image = load_rgb(self.paths[index])
-            return index, self.transform(image), ""
+            return index, self.transform(read_file_bytes(self.paths[index])), ""
         except ImageRejected as error:
             return index, None, str(error)
         except Exception as error:  # a broken decoder must not end the whole run

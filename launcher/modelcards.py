@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-VAL_DIR_NAMES = ("val", "validation")
 
 
 class CardRangeError(ValueError):
@@ -228,19 +227,11 @@ class DatasetStats:
         return math.inf if min(counts) == 0 else max(counts) / min(counts)
 
 
-def _count_images(folder: Path) -> int:
-    return sum(1 for _, _, files in os.walk(folder) for name in files
-               if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."))
-
-
-def _class_counts(root: Path) -> dict[str, int]:
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    return {name: _count_images(root / name) for name in classes}
-
-
 def scan_dataset(path: str | Path) -> DatasetStats:
-    """Count images per class in a class-folder tree (optionally with train/ and val/ subfolders) or a
-    shardify output folder (reads its ``_info.json``)."""
+    """Count images per class in a class-folder tree (optionally with train/ and val/ subfolders, the
+    same layouts the data layer reads) or a shardify output folder (reads its ``_info.json``)."""
+    from launcher.shard_source import SourceError, plan_source
+
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
@@ -250,16 +241,19 @@ def scan_dataset(path: str | Path) -> DatasetStats:
         counts = info.get("class_counts", {})
         return DatasetStats(str(root), "shards", list(info["classes"]), dict(counts.get("train", {})),
                             dict(counts.get("validation", {})))
-    val_dir = next((root / name for name in VAL_DIR_NAMES if (root / name).is_dir()), None)
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    train_counts = _class_counts(train_dir)
-    if train_dir == root and val_dir is not None:
-        train_counts.pop(val_dir.name, None)
-    val_counts = _class_counts(val_dir) if val_dir is not None else {}
-    classes = sorted(set(train_counts) | set(val_counts))
-    if not classes or sum(train_counts.values()) == 0:
+    try:
+        plan = plan_source(root, val_fraction=0.0, seed=0)
+    except SourceError as error:
+        raise ValueError(str(error)) from None
+    counts = {split: dict.fromkeys(plan.classes, 0) for split in ("train", "validation")}
+    for split, files in plan.splits.items():
+        for file in files:
+            if Path(file.relpath).suffix.lower() in IMAGE_EXTENSIONS:
+                counts[split][plan.classes[file.label]] += 1
+    if sum(counts["train"].values()) == 0:
         raise ValueError(f"{root} holds no images in class subfolders (expected {root}/<class>/<image>)")
-    return DatasetStats(str(root), "folder", classes, train_counts, val_counts)
+    return DatasetStats(str(root), "folder", list(plan.classes), counts["train"],
+                        counts["validation"] if "validation" in plan.splits else {})
 
 
 # ---------------------------------------------------------------------------------------------- advice
