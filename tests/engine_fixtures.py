@@ -1,0 +1,49 @@
+"""Shared fixtures of the engine tests: real digit images (scikit-learn) as shardify shards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from launcher.sample_data import make_digits_tree
+    from launcher.shardify import shardify
+
+    root = tmp_path_factory.mktemp("digits")
+    make_digits_tree(root / "images", size=32)
+    shardify(root / "images", root / "shards", val_fraction=0.15, workers=1, progress=False)
+    return root / "shards"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def recipe_command(recipe: str, *args: str, processes: int = 1) -> list[str]:
+    script = str(REPO / "recipes" / f"{recipe}.py")
+    if processes == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+
+
+def run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
