@@ -198,8 +198,8 @@ def plan_run(argv: Sequence[str], base: TrainConfig | None = None) -> Plan:
         model = model.split(".", 1)[0]
     card = get_card(model)
     cfg = finetune_config(card.name, data=str(data))
-    if base is not None:  # a recipe file's RECIPE: its fields, with this model
-        cfg = dataclasses.replace(base, data=str(data), model=card.name)
+    if base is not None and base.model == card.name:  # a recipe file's RECIPE, for its own model
+        cfg = dataclasses.replace(base, data=str(data))
     if weights is not None:
         cfg = dataclasses.replace(cfg, pretrained=None if weights.lower() in ("none", "random", "") else weights)
     try:
