@@ -1,6 +1,6 @@
 """The sbatch templates on a live Slurm cluster (.ci/slurm/cluster.sh start: two slurmd on this host).
 
-Three jobs of the real template slurm/resnet18.sh, configured only through the environment (plus
+Jobs of the real template slurm/resnet18.sh, configured only through the environment (plus
 sbatch's --nodes), run side by side: tiny CPU trainings of the real engine on 60 sklearn digits.
   reference: 2 nodes x 1 process, uninterrupted           -> summary.json, world size 2
   drill:     the same job, sent USR1 mid-training, then    -> checkpoint, requeue, resume, twice; the
@@ -8,6 +8,8 @@ sbatch's --nodes), run side by side: tiny CPU trainings of the real engine on 60
              (scancel --signal=... --batch)
   broken:    a data path that does not exist, submitted    -> FAILED, never requeued
              with `launcher slurm --submit`
+  deepspeed: ACCELERATE_CONFIG = a DeepSpeed config, a      -> 2 ranks on 2 nodes meet (no ssh/pdsh)
+             stand-in script instead of the recipe
 """
 
 from __future__ import annotations
@@ -37,6 +39,25 @@ TRAIN_ARGS = (
     "--threads 1 --seed 3"
 )
 FINAL_STEP = 28
+DEEPSPEED_YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 2
+  gradient_accumulation_steps: 1
+mixed_precision: 'no'
+"""
+# Stands in for a recipe to test the launch path alone: the ranks meet, all-reduce, rank 0 writes the summary.
+ALLREDUCE_SCRIPT = """import json, os, sys
+import torch
+from accelerate import Accelerator
+acc = Accelerator(cpu=True)
+total = acc.reduce(torch.tensor([acc.process_index + 1.0]), reduction="sum").item()
+print(f"rank {acc.process_index} of {acc.num_processes}: all-reduce sum {total}", flush=True)
+if acc.is_main_process:
+    out = sys.argv[sys.argv.index("--output") + 1]
+    summary = {"world_size": acc.num_processes, "sum": total, "deepspeed": os.environ.get("ACCELERATE_USE_DEEPSPEED")}
+    open(os.path.join(out, "summary.json"), "w").write(json.dumps(summary))
+"""
 
 
 def cluster_problem() -> str | None:
@@ -172,7 +193,11 @@ def jobs(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("slurm")
     data = tmp / "digits"
     make_digits_tree(data, size=32, per_class=6)
+    (tmp / "deepspeed.yaml").write_text(DEEPSPEED_YAML)
+    (tmp / "allreduce.py").write_text(ALLREDUCE_SCRIPT)
     submitted = {
+        "deepspeed": submit("ds", tmp, DATA=str(data), RECIPE=str(tmp / "allreduce.py"),
+                            ACCELERATE_CONFIG=str(tmp / "deepspeed.yaml")),
         "reference": submit("ref", tmp, DATA=str(data)),
         "drill": submit("drill", tmp, DATA=str(data)),
         "broken": submit_rendered("broken", tmp, tmp / "no-such-dataset"),
@@ -238,3 +263,16 @@ def test_a_real_error_fails_without_requeue(jobs: dict[str, Job]) -> None:
     log = job.log.read_text()
     assert "no-such-dataset" in log and "not requeueing" in log, job.diagnostics()
     assert not (job.run_dir / "summary.json").exists()
+
+
+def test_deepspeed_config_launches_two_nodes_without_ssh(jobs: dict[str, Job]) -> None:
+    """ACCELERATE_CONFIG with a DeepSpeed config: accelerate's "standard" multi-node launcher, one per
+    node started by srun (no pdsh/ssh). The ranks are CPU processes here, so they meet over gloo."""
+    job = jobs["deepspeed"]
+    info = job.wait()
+    assert info["JobState"] == "COMPLETED", job.diagnostics()
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sum"] == 3.0, summary
+    assert summary["deepspeed"] == "true", summary  # accelerate's DeepSpeed launcher started the ranks
+    log = job.log.read_text()
+    assert "rank 1 of 2: all-reduce sum 3.0" in log, job.diagnostics()
