@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from launcher.checkpoint import CheckpointDir, load_checkpoint
-from launcher.config import ConfigError, TrainConfig, save_config, validate
+from launcher.config import TrainConfig, save_config, validate
 from launcher.engine_setup import RunParts, build_parts, restore, resumable_state, startup_report
 from launcher.precision import configure_backends, resolve_device, resolve_precision
 from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag, clear_marker, write_marker
@@ -251,6 +253,10 @@ class Trainer:
             if prog.step % cfg.log_every == 0 or prog.update == parts.updates_per_epoch:
                 elapsed = time.perf_counter() - window_start
                 loss_value = acc.reduce(window_loss / window_steps, "mean").item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"training loss is {loss_value} at step {prog.step}; lower --lr, or try --precision fp32 / "
+                        "--no-channels-last (CPU bf16 kernels have produced NaN at tiny image sizes)")
                 images_done = window_steps * cfg.global_batch
                 prog.train_images += images_done
                 prog.train_seconds += elapsed
@@ -372,8 +378,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     configure_backends(device, deterministic=cfg.deterministic, threads=cfg.threads)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision,
                               log_with=None if cfg.report_to == "none" else cfg.report_to)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.micro_batch == 0 and device == "cpu":
-        raise ConfigError("DeepSpeed on CPU needs an explicit --micro-batch")
+    if device == "cpu" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        log.warning("DeepSpeed config ignored: DeepSpeed runs on GPUs only here; training with plain DDP on CPU")
     trainer = None
     try:
         trainer = Trainer(cfg, accelerator, precision)

@@ -164,6 +164,9 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
         model = torch.compile(model)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if cfg.opt == "lamb" and ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
+            log.warning("DeepSpeed ZeRO flattens parameters: LAMB's per-layer trust ratio becomes per-partition. "
+                        "For a faithful RSB run use plain DDP, or --opt adamw with DeepSpeed (docs/training.md)")
         ds_config["train_micro_batch_size_per_gpu"] = micro
         ds_config["gradient_accumulation_steps"] = accumulation
         ds_config["train_batch_size"] = cfg.global_batch
