@@ -4,7 +4,10 @@
 # `slurm_main`. Nothing here runs on source, so the node side can source it too.
 #
 # What one job does:
-#   1. resolves the settings below from the environment and Slurm's variables, and prints them;
+#   1. resolves the settings below from the environment and Slurm's variables, and prints them
+#      (DATA, OUTPUT, RUNS_DIR, RECIPE and ACCELERATE_CONFIG paths are made absolute against the submit
+#      directory: the training runs in the repository root, where the accelerate/DeepSpeed configs'
+#      own relative paths point; relative paths inside EXTRA_ARGS are relative to the repository root);
 #   2. starts ONE srun task per node (--ntasks-per-node=1, --kill-on-bad-exit=1); each task runs
 #      `accelerate launch` with --machine_rank=$SLURM_NODEID expanded ON THAT NODE (inside the srun
 #      command), --num_machines=$SLURM_NNODES, --num_processes=nodes x processes per node, and the
@@ -47,6 +50,15 @@
 
 slurm_log() { echo "[slurm $(date +%H:%M:%S)] $*" >&2; }
 
+# A local path made absolute against the submit directory (the training runs in the repository root);
+# URLs and pipe: specs are left alone.
+slurm_abspath() {
+    case "$1" in
+        "" | /* | *://* | pipe:*) echo "$1" ;;
+        *) echo "$PWD/$1" ;;
+    esac
+}
+
 # Number of GPUs this node offers to the job (0 when none is visible).
 slurm_detect_gpus() {
     if [[ -n "${SLURM_GPUS_ON_NODE:-}" && "${SLURM_GPUS_ON_NODE}" =~ ^[0-9]+$ ]]; then
@@ -87,7 +99,7 @@ slurm_resolve() {
     fi
     [[ -n "$PYTHON" ]] || { slurm_log "error: no python3 found; set PYTHON=/path/to/python"; return 2; }
     case "${RECIPE:?RECIPE is not set}" in
-        */* | *.py) RECIPE_SCRIPT="$RECIPE" ;;
+        */* | *.py) RECIPE_SCRIPT="$(slurm_abspath "$RECIPE")" ;;
         *) RECIPE_SCRIPT="$LAUNCHER_HOME/recipes/$RECIPE.py" ;;
     esac
     [[ -f "$RECIPE_SCRIPT" ]] || { slurm_log "error: recipe $RECIPE_SCRIPT not found (RECIPE=$RECIPE)"; return 2; }
@@ -125,7 +137,9 @@ slurm_resolve() {
         fi
     fi
     MASTER_PORT="${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-0} % 20000))}"
-    OUTPUT="${OUTPUT:-$(slurm_default_output)}"
+    [[ -n "${RUNS_DIR:-}" ]] && RUNS_DIR="$(slurm_abspath "$RUNS_DIR")"
+    OUTPUT="$(slurm_abspath "${OUTPUT:-$(slurm_default_output)}")"
+    [[ -n "${DATA:-}" ]] && DATA="$(slurm_abspath "$DATA")"
     MAX_REQUEUES="${MAX_REQUEUES:-20}"
     RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"
 
@@ -141,6 +155,7 @@ slurm_resolve() {
         --rdzv_backend static --num_cpu_threads_per_process "$threads" --dynamo_backend no)
     if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
         [[ -f "$ACCELERATE_CONFIG" ]] || ACCELERATE_CONFIG="$LAUNCHER_HOME/$ACCELERATE_CONFIG"
+        ACCELERATE_CONFIG="$(slurm_abspath "$ACCELERATE_CONFIG")"
         [[ -f "$ACCELERATE_CONFIG" ]] || { slurm_log "error: ACCELERATE_CONFIG file ${ACCELERATE_CONFIG#"$LAUNCHER_HOME/"} not found"; return 2; }
         LAUNCH_ARGS=(--config_file "$ACCELERATE_CONFIG" "${LAUNCH_ARGS[@]}")
         if grep -qiE '^\s*distributed_type:\s*DEEPSPEED' "$ACCELERATE_CONFIG"; then
@@ -156,9 +171,10 @@ slurm_resolve() {
         ((NUM_PROCESSES > 1)) && LAUNCH_ARGS+=(--multi_gpu)
     fi
 
-    TRAIN_ARGS=(--output "$OUTPUT" --resume auto --device "$DEVICE")
-    [[ -n "${DATA:-}" ]] && TRAIN_ARGS+=(--data "$DATA")
-    [[ -n "${MODEL:-}" ]] && TRAIN_ARGS+=(--model "$MODEL")
+    # --flag=value: one token per option, safe with parsers that pre-scan with parse_known_args.
+    TRAIN_ARGS=(--output="$OUTPUT" --resume=auto --device="$DEVICE")
+    [[ -n "${DATA:-}" ]] && TRAIN_ARGS+=(--data="$DATA")
+    [[ -n "${MODEL:-}" ]] && TRAIN_ARGS+=(--model="$MODEL")
     local extra=()
     # EXTRA_ARGS is split on whitespace like a command line (no quoting inside it).
     [[ -n "${EXTRA_ARGS:-}" ]] && read -ra extra <<<"$EXTRA_ARGS"
@@ -230,7 +246,7 @@ slurm_main() {
     # everywhere, and every node would claim machine rank 0 (and hang at the rendezvous).
     # shellcheck disable=SC2016
     srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-        --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+        --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --chdir="$LAUNCHER_HOME" \
         bash -c 'source "$LAUNCHER_HOME/slurm/common.sh" && slurm_node "$SLURM_NODEID" "$@"' slurm-node \
         "${LAUNCH_ARGS[@]}" "$RECIPE_SCRIPT" "${TRAIN_ARGS[@]}" &
     srun_pid=$!

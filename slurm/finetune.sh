@@ -11,7 +11,8 @@
 # PRETRAINED (optional): initial weights, a torchvision name (DEFAULT, IMAGENET1K_V1), a timm name
 # (resnet50.a1_in1k) or a local file, passed as --weights; unset = the recipe's default. Offline
 # clusters: point it at a local file. The fine-tuning options (--batch-size, --epochs, --lr,
-# --trainable-layers, --auto, ...) and every training option go in EXTRA_ARGS.
+# --trainable-layers, --auto, ...) and every training option go in EXTRA_ARGS; write training
+# options as --flag=value (e.g. --img-size=160), the form every parser reads the same way.
 #
 # Time limit / preemption: 120 s before the limit Slurm sends USR1 to this script
 # (--signal=B:USR1@120; Slurm checks limits about every 30 s, so it can come that much earlier);

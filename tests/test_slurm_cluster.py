@@ -8,8 +8,9 @@ sbatch's --nodes), run side by side: tiny CPU trainings of the real engine on 60
              (scancel --signal=... --batch)
   broken:    a data path that does not exist, submitted    -> FAILED, never requeued
              with `launcher slurm --submit`
-  deepspeed: ACCELERATE_CONFIG = a DeepSpeed config, a      -> 2 ranks on 2 nodes meet (no ssh/pdsh)
-             stand-in script instead of the recipe
+  deepspeed: ACCELERATE_CONFIG=recipes/accelerate/           -> 2 ranks on 2 nodes meet (no ssh/pdsh)
+             deepspeed_zero2.yaml, a stand-in script
+             instead of the recipe
 """
 
 from __future__ import annotations
@@ -39,13 +40,6 @@ TRAIN_ARGS = (
     "--threads 1 --seed 3"
 )
 FINAL_STEP = 28
-DEEPSPEED_YAML = """compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config:
-  zero_stage: 2
-  gradient_accumulation_steps: 1
-mixed_precision: 'no'
-"""
 # Stands in for a recipe to test the launch path alone: the ranks meet, all-reduce, rank 0 writes the summary.
 ALLREDUCE_SCRIPT = """import json, os, sys
 import torch
@@ -193,11 +187,11 @@ def jobs(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("slurm")
     data = tmp / "digits"
     make_digits_tree(data, size=32, per_class=6)
-    (tmp / "deepspeed.yaml").write_text(DEEPSPEED_YAML)
     (tmp / "allreduce.py").write_text(ALLREDUCE_SCRIPT)
     submitted = {
+        # The repository's own DeepSpeed config, named as a user would (relative to the repository).
         "deepspeed": submit("ds", tmp, DATA=str(data), RECIPE=str(tmp / "allreduce.py"),
-                            ACCELERATE_CONFIG=str(tmp / "deepspeed.yaml")),
+                            ACCELERATE_CONFIG="recipes/accelerate/deepspeed_zero2.yaml"),
         "reference": submit("ref", tmp, DATA=str(data)),
         "drill": submit("drill", tmp, DATA=str(data)),
         "broken": submit_rendered("broken", tmp, tmp / "no-such-dataset"),
