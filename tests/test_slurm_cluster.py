@@ -41,14 +41,16 @@ TRAIN_ARGS = (
 )
 FINAL_STEP = 28
 # Stands in for a recipe to test the launch path alone: the ranks meet, all-reduce, rank 0 writes the summary.
-ALLREDUCE_SCRIPT = """import json, os, sys
+ALLREDUCE_SCRIPT = """import argparse, json, os
 import torch
 from accelerate import Accelerator
 acc = Accelerator(cpu=True)
 total = acc.reduce(torch.tensor([acc.process_index + 1.0]), reduction="sum").item()
 print(f"rank {acc.process_index} of {acc.num_processes}: all-reduce sum {total}", flush=True)
 if acc.is_main_process:
-    out = sys.argv[sys.argv.index("--output") + 1]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output")
+    out = parser.parse_known_args()[0].output
     summary = {"world_size": acc.num_processes, "sum": total, "deepspeed": os.environ.get("ACCELERATE_USE_DEEPSPEED")}
     open(os.path.join(out, "summary.json"), "w").write(json.dumps(summary))
 """

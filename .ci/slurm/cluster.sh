@@ -145,7 +145,8 @@ start_munge() {
     }
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
-    runuser -u munge -- /usr/sbin/munged
+    # --force: start even over a stale socket left by a killed munged (CI machines are reused).
+    runuser -u munge -- /usr/sbin/munged --force
     local _
     for _ in $(seq 50); do
         munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
