@@ -123,7 +123,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = digits(args.img_size, args.per_class, args.seed)
-    results = [run_model(name, data, args) for name in args.models]
+    results: list[dict] = []
+    for name in args.models:  # the JSON is rewritten after each model, so a cut-short run keeps its numbers
+        results.append(run_model(name, data, args))
+        write_report(args, data, results)
+
+
+def write_report(args: argparse.Namespace, data: tuple[torch.Tensor, ...], results: list[dict]) -> None:
     try:
         load = os.getloadavg()
     except OSError:
@@ -139,6 +145,7 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average_at_end": load,
                     "note": "shared machine, several jobs running at once: seconds are noisy"},
+        "models_requested": args.models,
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -233,7 +233,7 @@ def plan_run(argv: Sequence[str], base: TrainConfig | None = None) -> Plan:
     except CardRangeError as error:
         raise ConfigError(str(error)) from None
     if not args.auto and stats.num_train and cfg.epochs < advice.tier.epochs[0]:
-        notes.append(f"{cfg.epochs} epoch(s) is the card's default; for {stats.num_train} images it suggests "
+        notes.append(f"{cfg.epochs} epoch(s) is below the card's advice for {stats.num_train} images: "
                      f"{advice.tier.epochs[0]}-{advice.tier.epochs[1]} (use --auto or --epochs)")
     cfg = parse_config(rest, cfg, prog="launcher finetune")  # every launcher-train option, validated
     if cfg.mixup or cfg.cutmix:
@@ -299,8 +299,9 @@ def diagnose(train_top1: float, val_top1: float, card: ModelCard, cfg: TrainConf
         higher_lr = min(card.lr.high, max(cfg.lr * 2, 1e-4))
         bigger = {"resnet18": "ResNet-50", "resnet34": "ResNet-50", "resnet50": "ResNet-101"}.get(card.name)
         remedies = [f"more epochs (try --epochs {min(int(card.epochs.high), cfg.epochs * 2)})",
-                    f"a higher learning rate (--lr {higher_lr:g})", "lighter augmentation (--augment light)",
-                    "check data quality and labels"]
+                    "lighter augmentation (--augment light)", "check data quality and labels"]
+        if higher_lr > cfg.lr:
+            remedies.insert(1, f"a higher learning rate (--lr {higher_lr:g})")
         if bigger:
             remedies.append(f"more capacity ({bigger})")
         if cfg.trainable_layers != "all":

@@ -122,23 +122,23 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.Capture
 def test_finetune_end_to_end_transfers_and_freezes(tmp_path_factory: pytest.TempPathFactory) -> None:
     output, weights, _ = finetuned_run(tmp_path_factory.getbasetemp())
     summary = json.loads((output / "summary.json").read_text())
-    # Digits 5-9 were never seen by the backbone; layer4 + a new head learn them from 160 images.
-    assert summary["best_top1"] >= 80.0, summary
+    # Digits 5-9 were never seen by the backbone (trained on 0-4); a new head on its frozen features learns
+    # them from 160 images (chance: 20 %; the same head on random-init features stays near 25 %).
+    assert summary["best_top1"] >= 55.0, summary  # measured: 70 %
     assert summary["model"] == "resnet18" and summary["num_classes"] == 5
     report = summary["finetune"]
-    assert report["train_top1"] >= report["val_top1"] - 10 and report["diagnosis"]
-    # Eval Steps = 2 with 4 epochs: evaluations after epochs 2 and 4 only.
-    evals = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    evals = [row for row in evals if row.get("kind", row.get("type")) == "eval" or "top1" in row]
-    assert [round(row["epoch"]) for row in evals] == [2, 4], evals
-    # --trainable-layers 2: stem, layer1-3 (weights AND BatchNorm running stats) bit-identical to the file.
+    assert report["train_top1"] > 50 and report["diagnosis"] and "--force" in " ".join(report["notes"])
+    # Eval Steps = 2 with 8 epochs: evaluations after epochs 2, 4, 6 and 8 only.
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if row.get("kind") == "eval"]
+    assert [row["epoch"] for row in evals] == [2, 4, 6, 8], evals
+    # --trainable-layers 1: everything but fc (weights AND BatchNorm running stats) bit-identical to the file.
     before = torch.load(weights, map_location="cpu", weights_only=True)
     after = torch.load(output / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
-    frozen = [k for k in before if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3")]
-    assert any("running_mean" in k for k in frozen)
+    frozen = [k for k in before if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in frozen) and any(k.startswith("layer4") for k in frozen)
     changed = [k for k in frozen if not torch.equal(before[k], after[k])]
     assert not changed, changed[:5]
-    assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
-    assert not torch.equal(before["layer4.1.bn2.running_mean"], after["layer4.1.bn2.running_mean"])
+    assert after["fc.weight"].shape == (5, 512)
     best = torch.load(output / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     assert best["classes"] == [f"digit_{d}" for d in range(5, 10)] and best["config"]["model"] == "resnet18"
