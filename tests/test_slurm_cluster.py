@@ -66,7 +66,8 @@ def cluster_problem() -> str | None:
     except subprocess.TimeoutExpired:
         return "slurmctld does not answer (scontrol ping timed out)"
     if ping.returncode != 0 or "UP" not in ping.stdout:
-        return f"no slurmctld reachable (scontrol ping: {ping.stdout.strip() or ping.stderr.strip()})"
+        answer = (ping.stdout.strip() or ping.stderr.strip()).splitlines()
+        return f"no slurmctld reachable (scontrol ping: {answer[0] if answer else ping.returncode}); start one with .ci/slurm/cluster.sh start"
     usable = [line for line in nodes.stdout.splitlines() if re.search(r" (idle|mix|alloc)$", line)]
     if len(usable) < 2:
         return f"fewer than 2 usable nodes: {nodes.stdout.strip()!r}"
