@@ -232,6 +232,10 @@ slurm_archive_marker() {
 }
 
 slurm_main() {
+    if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+        slurm_log "error: not inside a Slurm job: submit this script with sbatch (on one machine, use accelerate launch recipes/<recipe>.py)"
+        exit 2
+    fi
     slurm_resolve || exit $?
     mkdir -p "$OUTPUT"
     slurm_archive_marker
