@@ -183,7 +183,7 @@ slurm_resolve() {
 }
 
 # One node: run accelerate launch for this node's ranks and pass signals to them.
-# Called by srun on every node as: slurm_node MACHINE_RANK ACCELERATE_ARGS... -- SCRIPT ARGS...
+# Called by srun on every node as: slurm_node MACHINE_RANK ACCELERATE_ARGS... SCRIPT ARGS...
 slurm_node() {
     local machine_rank="$1"
     shift
