@@ -76,8 +76,8 @@ def test_shrunk_a3_learns_digits(digits_shards: Path, tmp_path: Path) -> None:  
         "--log-every", "10", "--no-progress"), REPO, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
-    # chance is 10%; a run on this machine reached ~90% (see the report); assert with a wide margin
-    assert summary["final_top1"] >= 75.0, summary
+    # chance is 10%; the same run reached 84.9% top-1 (at 32 px) on the development machine: wide margin
+    assert summary["final_top1"] >= 65.0, summary
     assert summary["best_top1"] >= summary["final_top1"] - 1e-9
     assert summary["evaluations"]["val@48"]["samples"] == summary["evaluations"]["val"]["samples"] > 200
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "checkpoints/best.pt", "checkpoints/last.pt"):
