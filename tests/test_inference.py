@@ -59,7 +59,7 @@ def test_evaluate_then_predict(run: tuple[Path, Path, Path], tmp_path: Path,
     # Same weights, same images, same preprocessing as the engine's evaluation (which ran in bf16):
     # at most one image may flip.
     assert abs(metrics["top1"] - summary["best_top1"]) <= 100 / 40 + 1e-9
-    assert metrics["top5"] == 100.0 and metrics["top1"] >= 80.0 and "top-1" in printed
+    assert metrics["top5"] == 100.0 and metrics["top1"] >= 55.0 and "top-1" in printed
     with open(tmp_path / "eval" / "confusion.csv") as handle:
         rows = list(csv.reader(handle))
     assert rows[0][1:] == classes
