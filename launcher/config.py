@@ -51,7 +51,6 @@ class TrainConfig:
     val_split: str = _f("validation", "name of the validation split ('' = no evaluation)")
     workers: int = _f(4, "data-loading worker processes per rank")
     pin_memory: bool = _f(True, "pin host memory for faster host-to-GPU copies (ignored on CPU)")
-    balanced_sampling: bool = _f(False, "sample classes uniformly (needs data-layer support)")
     # --- model ------------------------------------------------------------------------------------
     model: str = _f("resnet50", "ResNet variant (resnet18/34/50/101/152, ...)")
     num_classes: int = _f(0, "output classes (0 = number of classes in the dataset)")

@@ -7,7 +7,6 @@ the same result on every rank, except the RNG states, which are per rank.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -115,11 +114,6 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
         aug_repeats=cfg.aug_repeats, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
         interpolation=cfg.interpolation, workers=cfg.workers, seed=cfg.seed, split=cfg.train_split,
         pin_memory=cfg.pin_memory and device.type == "cuda")
-    accepted = inspect.signature(build_train_loader).parameters
-    if cfg.balanced_sampling:
-        if "balanced" not in accepted:
-            raise ConfigError("balanced_sampling is not supported by the data layer of this version")
-        loader_kwargs["balanced"] = True
     train_loader = build_train_loader(ds, **loader_kwargs)
     updates = len(train_loader) // accumulation
     if cfg.limit_train_batches:

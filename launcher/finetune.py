@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import ConfigError, TrainConfig, parse_config
+from launcher.config import build_parser as build_config_parser
 from launcher.modelcards import (
     CardRangeError,
     DatasetStats,
@@ -176,6 +177,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_train_flags(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `launcher train` flags (with their values) from finetune's own arguments.
+
+    argparse's parse_known_args cannot know that an unknown ``--output /x`` takes a value and would hand
+    ``/x`` to the positional data argument; the training config's parser knows how many values each takes.
+    """
+    own_flags = {flag for action in parser._actions for flag in action.option_strings}
+    arity = {flag: action.nargs for action in build_config_parser(TrainConfig())._actions
+             for flag in action.option_strings}
+    own: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        flag = token.split("=", 1)[0]
+        index += 1
+        if not token.startswith("--") or flag in own_flags or flag not in arity:
+            own.append(token)  # unknown flags stay here so argparse reports them by name
+            continue
+        rest.append(token)
+        nargs = arity[flag]
+        if "=" in token or nargs == 0:
+            continue
+        count = nargs if isinstance(nargs, int) else 1 if nargs in (None, "?") else len(argv)
+        while count and index < len(argv) and not argv[index].startswith("--"):
+            rest.append(argv[index])
+            index += 1
+            count -= 1
+    return own, rest
+
+
 @dataclasses.dataclass
 class Plan:
     cfg: TrainConfig
@@ -188,7 +220,9 @@ class Plan:
 
 def plan_run(argv: Sequence[str], base: TrainConfig | None = None) -> Plan:
     """Command line -> resolved config (card defaults <- --auto advice <- explicit flags), checked."""
-    args, rest = build_parser().parse_known_args(list(argv))
+    parser = build_parser()
+    own, rest = _split_train_flags(parser, list(argv))
+    args = parser.parse_args(own)
     data = args.data_flag or args.data or (base.data if base else "")
     if not data:
         raise ConfigError("no dataset given: launcher finetune ./imgs (a folder with one subfolder per class)")
@@ -272,7 +306,7 @@ def imbalance_report(stats: DatasetStats, cfg: TrainConfig) -> list[str]:
     if stats.imbalance >= 3:
         largest = sorted(counts.items(), key=lambda item: item[1])
         lines.append("  smallest: " + ", ".join(f"{name} {n}" for name, n in largest[:5]))
-        if cfg.class_weights == "none" and not cfg.balanced_sampling:
+        if cfg.class_weights == "none":
             lines.append("  imbalanced: consider --class-weights balanced (loss) or --balanced-sampling")
         else:
             lines.append(f"  compensating with {'class-weighted loss' if cfg.class_weights != 'none' else 'balanced sampling'}")

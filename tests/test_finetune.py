@@ -40,6 +40,17 @@ def test_card_defaults_per_model(small_tree: Path, tmp_path: Path) -> None:
     assert plan_run([str(small_tree), "--output", str(tmp_path / "r")]).cfg.pretrained == "DEFAULT"
 
 
+def test_training_flags_with_values_anywhere_on_the_command_line(small_tree: Path, tmp_path: Path) -> None:
+    # `--flag value` for a `launcher train` option must not lose its value to the positional data argument
+    out = tmp_path / "runs" / "r"
+    cfg = plan_run(["--output", str(out), "--device", "cpu", "--scale", "1", "1", "--img-size=48",
+                    "--no-channels-last", str(small_tree), "--weights", "none"]).cfg
+    assert (cfg.output, cfg.device, cfg.scale, cfg.img_size, cfg.channels_last) == (str(out), "cpu", (1.0, 1.0), 48, False)
+    assert Path(cfg.data).resolve() != out.resolve()
+    with pytest.raises(SystemExit):
+        plan_run([str(small_tree), "--no-such-flag", "3"])
+
+
 @pytest.mark.parametrize(("flags", "allowed"), [
     (["--batch-size", "256"], "1..128"),
     (["--lr", "5e-3"], "1e-5..1e-3"),
