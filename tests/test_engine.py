@@ -143,7 +143,7 @@ def test_engine_applies_timm_cosine_schedule(digits_shards: Path,  # noqa: F811
         load_recipe("a3"), data=str(digits_shards), model="resnet18", img_size=16, test_img_size=0, epochs=4,
         warmup_epochs=1, global_batch=8, micro_batch=8, limit_train_batches=updates, workers=0, threads=2,
         log_every=1, progress=False, val_split="", output=str(tmp_path / "run"), sched_on_updates=on_updates,
-        auto_augment=None)
+        auto_augment=None, precision="fp32")  # fp32: this test is about the LR, and CPU bf16 has given NaN at 16 px
     summary = train(cfg)
     assert summary["steps"] == cfg.epochs * updates
     logged = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
