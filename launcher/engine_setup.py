@@ -271,7 +271,8 @@ def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, 
     sched = "per update" if cfg.sched_on_updates else "per epoch"
     mix = f"mixup {cfg.mixup:g} / cutmix {cfg.cutmix:g}" if mixing_enabled(cfg) else "no mixup/cutmix"
     thresh = f", target threshold {cfg.bce_target_thresh:g}" if cfg.loss == "bce" and cfg.bce_target_thresh else ""
-    backend = accelerator.distributed_type.value
+    # Accelerate calls a single process "NO" (no distribution); say what it means
+    backend = "single process" if world == 1 else accelerator.distributed_type.value
     if world > 1 and torch.distributed.is_initialized():
         backend += f", {torch.distributed.get_backend()}"
     evals = ", ".join(f"{tag}" for tag in parts.eval_loaders) or "none (no validation split)"
