@@ -99,13 +99,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``) on CPU; clear error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated / foreign / pickled-object files
         raise ValueError(f"checkpoint {path} cannot be loaded safely: {exc}") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"checkpoint {path} is not a resnet-launcher checkpoint (no 'model' entry)")
+        raise ValueError(f"checkpoint {path} is not a resnet-launcher checkpoint, so not a training checkpoint "
+                         "(no 'model' entry): use runs/<run>/checkpoints/best.pt or last.pt")
     return state
 
 

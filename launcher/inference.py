@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: N812
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from launcher.checkpoint import load_checkpoint
 from launcher.modelcards import IMAGE_EXTENSIONS
 
 
@@ -70,16 +71,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from error
-    missing = [key for key in ("model", "config") if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise ValueError(f"{path} is not a training checkpoint (missing {', '.join(missing)}); "
+    """A training checkpoint (loaded safely by :func:`launcher.checkpoint.load_checkpoint`) with its config."""
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint:
+        raise ValueError(f"{path} is not a training checkpoint (missing config); "
                          "use runs/<run>/checkpoints/best.pt or last.pt")
     return checkpoint
 
