@@ -13,11 +13,9 @@ interleaved rounds), including timm's RandAugment alone, the cost all three load
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,21 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    import PIL
-    import timm
-    import torchvision
-
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": torch.cuda.get_device_name() if
-            torch.cuda.is_available() else None, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
-            "load_average_start": os.getloadavg()}
+from machine import describe_machine
 
 
 def epoch_rate(loader) -> float:
@@ -168,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     per_image_ms = per_image_paths(files[:200], args.img_size, args.auto_augment)
     result = {
         "benchmark": "train loader throughput (images/s delivered to the main process)",
-        "machine": machine() | {"load_average_start": load_average_start, "load_average_end": os.getloadavg()},
+        "machine": describe_machine() | {"load_average_start": load_average_start, "load_average_end": os.getloadavg()},
         "config": {"images": len(files), "img_size": args.img_size, "batch": args.batch, "workers": args.workers,
                    "auto_augment": args.auto_augment, "epochs": args.epochs, "warmup_epochs_dropped": 1,
                    "image_source": "launcher.sample_data.make_photo_tree (photo-like JPEGs ~500x375)"},

@@ -17,12 +17,10 @@ shared machine). The JSON describes the machine so numbers are comparable.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -30,11 +28,10 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import PIL
 import webdataset as wds
+from machine import describe_machine
 from PIL import Image
 
 from launcher.sample_data import make_photo_tree
@@ -42,37 +39,6 @@ from launcher.shardify import shardify
 
 NUM_CLASSES = 8
 PHOTO_QUALITY = 98  # makes the generated 500x375 JPEGs average close to 100 KB
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    memory_gb = None
-    with contextlib.suppress(OSError, StopIteration):
-        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))
-        memory_gb = round(kb / 1024**2, 1)
-    try:
-        import torch
-
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = None
-    return {
-        "cpu": cpu,
-        "cores_online": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "memory_gb": memory_gb,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch_version,
-        "pillow": PIL.__version__,
-        "webdataset": getattr(wds, "__version__", "unknown"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-    }
 
 
 def build_photos(root: Path, images: int) -> list[tuple[Path, int]]:
@@ -145,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workers = args.workers or len(os.sched_getaffinity(0))
-    description = machine()
+    description = describe_machine()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-shardify-"))
     print(f"building {args.images} photo-like JPEGs in {workdir / 'photos'} ...", flush=True)
     files = build_photos(workdir / "photos", args.images)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe_machine
 from PIL import Image
 
 from launcher.models import create_resnet, model_info
@@ -95,16 +95,6 @@ def run_model(name: str, data: tuple[torch.Tensor, ...], args: argparse.Namespac
             "final_train_acc": epochs[-1]["train_acc"], "epochs": epochs}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet34", "resnet50"])
@@ -113,6 +103,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--note", default="", help="free text stored with the machine (e.g. how busy it was)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
@@ -141,10 +132,7 @@ def write_report(args: argparse.Namespace, data: tuple[torch.Tensor, ...], resul
         "weights": ("random init (no pretrained weights available offline): frozen stages hold random features"
                     if args.weights == "random" else f"local files {args.weights}/<model>.pth"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "load_average_at_end": load,
-                    "note": "shared machine, several jobs running at once: seconds are noisy"},
+        "machine": describe_machine() | {"load_average_at_end": load, "note": args.note},
         "models_requested": args.models,
         "results": results,
     }
