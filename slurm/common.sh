@@ -203,11 +203,8 @@ slurm_node() {
     # The engine's handler only sets a flag, so a second delivery is harmless.
     trap 'signalled=USR1; pkill -USR1 -P "$launcher_pid" 2>/dev/null' USR1
     trap 'signalled=TERM; pkill -TERM -P "$launcher_pid" 2>/dev/null' TERM
-    while true; do
-        wait "$launcher_pid"
-        rc=$?
-        kill -0 "$launcher_pid" 2>/dev/null || break
-    done
+    slurm_wait_exit "$launcher_pid"
+    rc=$?
     if ((rc != 0)) && [[ -n "$signalled" ]]; then
         # Preempted ranks exit 75 and the launcher turns that into 1. Report success so that
         # --kill-on-bad-exit does not kill other nodes still writing their checkpoint; the batch
@@ -216,6 +213,17 @@ slurm_node() {
         return 0
     fi
     return "$rc"
+}
+
+# Exit status of a background child. A trapped signal interrupts `wait` early (status > 128 while the
+# child still runs), so wait again until the child is really gone.
+slurm_wait_exit() {
+    local pid=$1 status
+    while true; do
+        wait "$pid"
+        status=$?
+        kill -0 "$pid" 2>/dev/null || return "$status"
+    done
 }
 
 slurm_job_state() {
@@ -259,11 +267,8 @@ slurm_main() {
     # signals the step's processes directly.
     trap 'signalled=USR1; slurm_log "USR1 received: asking the ranks to checkpoint"; kill -USR1 "$srun_pid" 2>/dev/null' USR1
     trap 'signalled=TERM; slurm_log "TERM received: asking the ranks to checkpoint"; scancel --signal=TERM "$SLURM_JOB_ID"' TERM
-    while true; do
-        wait "$srun_pid"
-        rc=$?
-        kill -0 "$srun_pid" 2>/dev/null || break
-    done
+    slurm_wait_exit "$srun_pid"
+    rc=$?
     trap - USR1 TERM
     slurm_log "training step ended (srun exit $rc${signalled:+, after SIG$signalled})"
 
