@@ -31,7 +31,8 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, create_transform
 from torchvision.io import ImageReadMode, decode_jpeg
 
-_ORIENTATION_TAG = 0x0112
+from launcher.images import exif_orientation, to_rgb
+
 _INTERPOLATION = {
     "bicubic": TF.InterpolationMode.BICUBIC,
     "bilinear": TF.InterpolationMode.BILINEAR,
@@ -55,22 +56,9 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError(f"not an image: {type(error).__name__}: {error}") from None
 
 
-def _orientation(image: Image.Image) -> int:
-    try:
-        value = image.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     if image.mode != "RGB":
-        try:
-            from launcher.images import to_rgb
-
-            image = to_rgb(image)
-        except ImportError:  # pragma: no cover
-            image = image.convert("RGB")
+        image = to_rgb(image)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -79,7 +67,7 @@ def decode_full(data: bytes, image: Image.Image, upright: bool | None = None) ->
 
     ``upright``: whether the EXIF orientation is 1, when the caller already knows (saves re-reading EXIF).
     """
-    upright = _orientation(image) == 1 if upright is None else upright
+    upright = exif_orientation(image) == 1 if upright is None else upright
     if image.format == "JPEG" and upright:
         try:
             with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
@@ -107,7 +95,7 @@ def decode_region(
     """
     top, left, height, width = box
     factor = 1
-    upright = _orientation(image) == 1 if upright is None else upright
+    upright = exif_orientation(image) == 1 if upright is None else upright
     if image.format == "JPEG" and upright:
         while factor < 8 and height >= 2 * factor * out_size[0] and width >= 2 * factor * out_size[1]:
             factor *= 2
@@ -165,7 +153,7 @@ class TrainTransform:
 
     def __call__(self, data: bytes) -> torch.Tensor:
         image = _open(data)
-        oriented = _orientation(image) != 1
+        oriented = exif_orientation(image) != 1
         if oriented:  # rare (folder sources only): decode fully, then crop the upright image
             image = _load_oriented(image)
         box = self.crop.get_params(image, self.crop.scale, self.crop.ratio)  # reads the size only
