@@ -278,8 +278,7 @@ class Trainer:
                 self.run_eval()
             if cfg.checkpoint_every and prog.step % cfg.checkpoint_every == 0:
                 self.save()
-            if (cfg.max_train_steps and prog.step >= cfg.max_train_steps) or self.stop_reason:
-                self.stop_reason = self.stop_reason or f"max_train_steps={cfg.max_train_steps} reached"
+            if self.steps_limit_reached() or self.stop_reason:
                 bar.close()
                 return False
         bar.close()
@@ -287,9 +286,16 @@ class Trainer:
         self.end_epoch()
         if flag.agreed(device, acc.num_processes > 1):
             self.preempt(flag)
-        if cfg.max_train_steps and prog.step >= cfg.max_train_steps:
-            self.stop_reason = self.stop_reason or f"max_train_steps={cfg.max_train_steps} reached"
+        self.steps_limit_reached()
         return not self.stop_reason
+
+    def steps_limit_reached(self) -> bool:
+        """True (and the stop reason set, unless one is already) once --max-train-steps updates are done."""
+        limit = self.cfg.max_train_steps
+        if not (limit and self.progress.step >= limit):
+            return False
+        self.stop_reason = self.stop_reason or f"max_train_steps={limit} reached"
+        return True
 
     def end_epoch(self) -> None:
         cfg, prog = self.cfg, self.progress

@@ -160,3 +160,20 @@ def test_engine_applies_timm_cosine_schedule(digits_shards: Path,  # noqa: F811
         expected.append(reference._get_lr(step)[0] if on_updates else reference._get_lr(epoch)[0])
     assert logged == pytest.approx(expected, rel=1e-12)
     assert cfg.resolved_lr() == pytest.approx(8e-3 * (8 / 2048) ** 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [3, 4])  # mid-epoch and exactly at an epoch end
+def test_max_train_steps_stops_the_run_there(digits_shards: Path, tmp_path: Path, limit: int) -> None:  # noqa: F811
+    from launcher.engine import train
+    from launcher.train import load_recipe
+
+    cfg = dataclasses.replace(
+        load_recipe("a3"), data=str(digits_shards), model="resnet18", img_size=16, test_img_size=0, epochs=5,
+        warmup_epochs=1, global_batch=8, micro_batch=8, limit_train_batches=2, max_train_steps=limit, workers=0,
+        threads=2, log_every=1, progress=False, val_split="", output=str(tmp_path / "run"), auto_augment=None,
+        precision="fp32")
+    summary = train(cfg)
+    assert summary["steps"] == limit and summary["stop_reason"] == f"max_train_steps={limit} reached"
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, limit + 1))
