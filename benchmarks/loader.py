@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_average_start = os.getloadavg()
 
-    from launcher.sample_data import make_photo_tree
+    from launcher.data.sample_data import make_photo_tree
     from launcher.shardify import shardify
 
     if not args.images.exists():
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe_machine() | {"load_average_start": load_average_start, "load_average_end": os.getloadavg()},
         "config": {"images": len(files), "img_size": args.img_size, "batch": args.batch, "workers": args.workers,
                    "auto_augment": args.auto_augment, "epochs": args.epochs, "warmup_epochs_dropped": 1,
-                   "image_source": "launcher.sample_data.make_photo_tree (photo-like JPEGs ~500x375)"},
+                   "image_source": "launcher.data.sample_data.make_photo_tree (photo-like JPEGs ~500x375)"},
         "img_per_s": rates,
         "median_img_per_s": medians,
         "ratio_vs_imagefolder": round(medians["launcher"] / medians["imagefolder"], 3),

@@ -34,7 +34,7 @@ import webdataset as wds
 from machine import describe_machine
 from PIL import Image
 
-from launcher.sample_data import make_photo_tree
+from launcher.data.sample_data import make_photo_tree
 from launcher.shardify import shardify
 
 NUM_CLASSES = 8

@@ -32,7 +32,7 @@ from machine import describe_machine
 from PIL import Image
 
 from launcher.models import create_resnet, model_info
-from launcher.optim import create_optimizer
+from launcher.models.optim import create_optimizer
 
 
 def digits(size: int, per_class_train: int, seed: int) -> tuple[torch.Tensor, ...]:

@@ -12,13 +12,13 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("launcher.demo", "run the whole product on a small built-in dataset"),
-    "shardify": ("launcher.shardify", "class folders -> WebDataset shards (same as the `shardify` command)"),
-    "train": ("launcher.train", "train with a recipe (a1/a2/a3) or a config file"),
-    "finetune": ("launcher.finetune", "fine-tune a pretrained ResNet on a small class-folder dataset"),
-    "recommend": ("launcher.modelcards", "dataset-aware advice from the model cards"),
-    "evaluate": ("launcher.inference", "evaluate a checkpoint: loss, top-1/5, per-class metrics, confusion"),
-    "predict": ("launcher.inference", "top-k predictions for images or folders"),
-    "export": ("launcher.export", "export a checkpoint to safetensors / torchscript / onnx"),
+    "shardify": ("launcher.shardify.cli", "class folders -> WebDataset shards (same as the `shardify` command)"),
+    "train": ("launcher.train.command", "train with a recipe (a1/a2/a3) or a config file"),
+    "finetune": ("launcher.finetune.command", "fine-tune a pretrained ResNet on a small class-folder dataset"),
+    "recommend": ("launcher.finetune.modelcards", "dataset-aware advice from the model cards"),
+    "evaluate": ("launcher.inference.evaluate", "evaluate a checkpoint: loss, top-1/5, per-class metrics, confusion"),
+    "predict": ("launcher.inference.evaluate", "top-k predictions for images or folders"),
+    "export": ("launcher.inference.export", "export a checkpoint to safetensors / torchscript / onnx"),
     "slurm": ("launcher.slurm", "render an sbatch script for nodes / GPUs / partition / recipe"),
 }
 

@@ -136,7 +136,7 @@ class TrainConfig:
         """The LR used at the configured global batch (see ``lr_ref_batch``)."""
         if self.lr_ref_batch <= 0 or self.lr_ref_batch == self.global_batch:
             return self.lr
-        from launcher.optim import scaled_lr
+        from launcher.models.optim import scaled_lr
 
         return float(scaled_lr(self.lr, self.lr_ref_batch, self.global_batch, self.opt))
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from launcher.config import ConfigError
-from launcher.sample_data import make_digits_tree
+from launcher.data.sample_data import make_digits_tree
 from launcher.shardify import EXIT_VERIFY_FAILED, ShardifyError, shardify, verify
 
 
@@ -81,8 +81,8 @@ def train_demo(shards: Path, output: Path, *, epochs: int) -> dict:
     Heavy augmentation (mixup/cutmix, RandAugment, flips: a flipped digit is another digit) needs far more
     epochs than a demo has, so it is off; optimizer, schedule, loss and engine are the recipe's.
     """
-    from launcher.engine import train
-    from launcher.train import load_recipe
+    from launcher.train.command import load_recipe
+    from launcher.train.loop import train
 
     cfg = dataclasses.replace(
         load_recipe("a3"), data=str(shards), model="resnet18", img_size=32, test_img_size=0,

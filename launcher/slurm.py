@@ -21,15 +21,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATE_DIR = REPO / "slurm"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"  # shipped in the wheel
+# A source checkout (slurm/common.sh next to the package) is where a rendered job runs and finds its venv;
+# an installed package has none, and the job runs in its submit directory.
+CHECKOUT = Path(__file__).resolve().parent.parent
+IS_CHECKOUT = (CHECKOUT / "slurm" / "common.sh").is_file()
 TEMPLATES = ("resnet101", "resnet50", "resnet18", "finetune")
 KNOWN_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 TRAIN_RECIPES = ("a1", "a2", "a3")
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or UNLIMITED.
 TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$", re.I)
 SAFE_SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_.:,=+%@/\[\]-]+$")
-DEFAULTS_END = "# sbatch runs a copy of this file"
 
 
 class SlurmRenderError(ValueError):
@@ -108,7 +110,7 @@ def _check(job: SlurmJob) -> list[str]:
     local_data = job.data and not re.match(r"^[a-z]+://|^pipe:", job.data) and "{" not in job.data
     if local_data and not Path(job.data).exists():  # type: ignore[arg-type]
         warnings.append(f"data {job.data!r} does not exist here (fine if it exists on the cluster)")
-    if job.accelerate_config and not (Path(job.accelerate_config).is_file() or (REPO / job.accelerate_config).is_file()):
+    if job.accelerate_config and not (Path(job.accelerate_config).is_file() or (CHECKOUT / job.accelerate_config).is_file()):
         raise SlurmRenderError(f"--accelerate-config {job.accelerate_config!r}: no such file")
     return warnings
 
@@ -189,7 +191,8 @@ def _defaults(job: SlurmJob, template: str) -> list[str]:
     elif template == "finetune":
         lines.append(f'[[ -n "${{PRETRAINED:-}}" ]] && EXTRA_ARGS="{flag} $PRETRAINED ${{EXTRA_ARGS:-}}"')
     # The rendered file may live anywhere: point it at this checkout unless told otherwise.
-    lines.append(_assign("LAUNCHER_HOME", str(REPO)))
+    if IS_CHECKOUT:
+        lines.append(_assign("LAUNCHER_HOME", str(CHECKOUT)))
     return lines
 
 
@@ -202,18 +205,28 @@ def render(job: SlurmJob, command: str = "") -> tuple[str, list[str]]:
     lines = text.splitlines()
     first_sbatch = next(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     last_sbatch = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
-    body_start = next(i for i, line in enumerate(lines) if line.startswith(DEFAULTS_END))
     header = lines[:first_sbatch]
-    note = [f"# Rendered from slurm/{template}.sh by `launcher slurm`" + (f": {command}" if command else ".")]
-    out = [header[0], *note, *header[1:], *_sbatch_lines(job, lines[first_sbatch : last_sbatch + 1]), ""]
-    out += _defaults(job, template) + [""] + lines[body_start:]
+    note = [f"# Rendered from launcher/templates/{template}.sh by `launcher slurm`" + (f": {command}" if command else ".")]
+    # slurm_node runs on the nodes, called through srun's environment (export -f): not unreachable.
+    lint = ["# shellcheck disable=SC2317"]
+    out = [header[0], *lint, *note, *header[1:], *_sbatch_lines(job, lines[first_sbatch : last_sbatch + 1]), ""]
+    out += _defaults(job, template) + [""] + _inlined_common()
     return "\n".join(out) + "\n", warnings
+
+
+def _inlined_common() -> list[str]:
+    """The shared part, inlined: the rendered script then needs no file of the repository at run time."""
+    common = (TEMPLATE_DIR / "common.sh").read_text().splitlines()
+    body = [line for line in common if not line.startswith("# shellcheck shell=")]
+    return ['LAUNCHER_HOME="${LAUNCHER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"',
+            "# ---- launcher/templates/common.sh (inlined) ----", *body,
+            "# ---- end of common.sh ----", "slurm_main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launcher slurm",
-        description="Render an sbatch script from slurm/*.sh for given resources and recipe; "
+        description="Render an sbatch script from the templates (slurm/*.sh in a checkout) for given resources and recipe; "
         "--dry-run prints it, otherwise it is written (and with --submit, submitted). "
         "Arguments after -- are recipe flags (e.g. -- --epochs 50 --report-to wandb).",
     )
@@ -242,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accelerate-config", default=None, help="e.g. recipes/accelerate/deepspeed_zero2.yaml")
     g.add_argument("--max-requeues", type=int, default=None, help="requeue limit (default 20)")
     g.add_argument("--pretrained", default=None, help="initial weights (torchvision/timm name or file; --weights for finetune, --pretrained otherwise)")
-    g.add_argument("--python", default=None, help="interpreter on the nodes (default: <repo>/.venv/bin/python)")
+    g.add_argument("--python", default=None, help="interpreter on the nodes with resnet-launcher installed (default: <repo>/.venv/bin/python in a checkout, else the python3 on PATH)")
     g = p.add_argument_group("what to do")
     g.add_argument("--dry-run", action="store_true", help="print the script and stop")
     g.add_argument("--out", "-o", default=None, help="write the script here (default: <job name>.sbatch)")

@@ -1,43 +1,13 @@
 """ResNet Strikes Back, procedure A1 (600 epochs): the paper's best ResNet-50, 80.4% top-1 at 224.
 
-Wightman, Touvron, Jegou, "ResNet strikes back", arXiv:2110.00476, Table 1, column A1.
-Run: ``accelerate launch recipes/a1.py --data shards/NAME`` (or ``torchrun``, or plain ``python``);
-every field can be overridden, e.g. ``--model resnet101 --epochs 100``; ``--help`` lists them all.
+Entry point for a source checkout: ``accelerate launch recipes/a1.py --data shards/NAME`` (or ``torchrun``, or
+plain ``python``). The recipe itself is ``launcher/recipes/a1.py`` (also ``python -m launcher.recipes.a1``).
 """
 
 import sys
 
-from launcher.config import TrainConfig
-from launcher.train import run_recipe
-
-RECIPE = TrainConfig(
-    recipe="a1",
-    model="resnet50",
-    epochs=600,
-    global_batch=2048,                   # LR below is for this batch; other batches rescale it (sqrt, LAMB)
-    lr_ref_batch=2048,
-    img_size=224,                        # train resolution
-    test_img_size=0,                     # evaluated at the train resolution, 224
-    crop_pct=0.95,
-    interpolation="bicubic",
-    opt="lamb",
-    lr=5e-3,
-    weight_decay=0.01,
-    warmup_epochs=5,
-    warmup_lr=1e-4,
-    min_lr=1e-6,
-    sched_on_updates=False,              # RSB-era timm stepped warmup and cosine per epoch
-    loss="bce",
-    bce_target_thresh=0.2,
-    smoothing=0.1,
-    mixup=0.2,
-    cutmix=1.0,
-    auto_augment="rand-m7-mstd0.5-inc1",
-    aug_repeats=3,
-    drop_path=0.05,
-    model_ema=False,
-    precision="auto",                    # mixed precision: bf16 where supported, else fp16 + grad scaler
-)
+from launcher.recipes.a1 import RECIPE
+from launcher.train.command import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe(RECIPE))

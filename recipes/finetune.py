@@ -1,17 +1,13 @@
 """Fine-tuning recipe: a pretrained ResNet on a small class-folder dataset, with the model card's defaults.
 
-ResNet-18 card: batch size 8 (1-128), 1 epoch (1-50), learning rate 5e-5 (1e-5..1e-3), evaluate every
-epoch; AdamW, cross-entropy with label smoothing 0.1, light augmentation, early stopping on validation
-top-1. `--auto` applies the card's advice for the dataset's size; see docs/finetune.md.
-Run: ``accelerate launch recipes/finetune.py ./imgs --model resnet50 --auto`` (or ``torchrun``, or
-plain ``python``), the same as ``launcher finetune ./imgs ...``.
+Entry point for a source checkout: ``accelerate launch recipes/finetune.py ./imgs --model resnet50 --auto``, the
+same as ``launcher finetune ./imgs ...``. The recipe itself is ``launcher/recipes/finetune.py``.
 """
 
 import sys
 
-from launcher.finetune import finetune_config, main
-
-RECIPE = finetune_config("resnet18")
+from launcher.finetune.command import main
+from launcher.recipes.finetune import RECIPE
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], base=RECIPE))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.sample_data import DIGIT_CLASSES, make_digits_tree
+from launcher.data.sample_data import DIGIT_CLASSES, make_digits_tree
 
 IMG_SIZE = 32
 SOURCE_DIGITS = range(0, 5)
@@ -91,7 +91,7 @@ FINETUNE_ARGS = ["--model", "resnet18", "--trainable-layers", "1", "--epochs", "
 
 def finetuned_run(base: Path) -> tuple[Path, Path, Path]:
     """(run folder, weights file, data tree) of one `launcher finetune` run, made once per session."""
-    from launcher.finetune import main
+    from launcher.finetune.command import main
 
     weights = pretrained_weights(base)
     data = target_tree(base / "digits59")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from launcher.batching import accumulation_steps, micro_batch_candidates
 from launcher.config import (
     FIELD_NAMES,
     ConfigError,
@@ -20,7 +19,8 @@ from launcher.config import (
     parse_config,
     save_config,
 )
-from launcher.train import load_recipe
+from launcher.train.batching import accumulation_steps, micro_batch_candidates
+from launcher.train.command import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_flags_override_recipe_with_types() -> None:
 
 
 def test_lr_rule_scales_with_global_batch_unless_lr_given() -> None:
-    from launcher.optim import scaled_lr
+    from launcher.models.optim import scaled_lr
 
     base = load_recipe("a2")
     same = parse_config(["--data", "d"], base)

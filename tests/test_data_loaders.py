@@ -144,7 +144,7 @@ def test_undecodable_sample_is_replaced_within_its_batch(tmp_path):
 
 
 def test_folder_source_and_shards_give_the_same_samples(tmp_path):
-    from launcher.sample_data import make_digits_tree
+    from launcher.data.sample_data import make_digits_tree
     from launcher.shardify import shardify
 
     tree = make_digits_tree(tmp_path / "digits", size=12, per_class=3, image_format="png").root
@@ -154,7 +154,7 @@ def test_folder_source_and_shards_give_the_same_samples(tmp_path):
 
     def keys(ds):
         from launcher.data.loaders import _read_segments
-        from launcher.data.sharding import Segment
+        from launcher.data.plan import Segment
 
         split = ds.split("train")
         segments = [Segment(u, 0, int(n), 0) for u, n in enumerate(split.lengths)]

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from launcher.data.sharding import TrainPlan, count_batches, eval_plan, shuffle_buffer
+from launcher.data.plan import TrainPlan, count_batches, eval_plan, shuffle_buffer
 
 
 def _samples(segments) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ from launcher.data.transforms import seed_everything_for_sample
 
 @pytest.fixture(scope="module")
 def photo() -> bytes:
-    from launcher.sample_data import source_photos
+    from launcher.data.sample_data import source_photos
 
     image = Image.fromarray(source_photos()["chelsea"]).resize((470, 390), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()

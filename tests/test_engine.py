@@ -11,19 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import digits_shards  # noqa: F401 - pytest fixture
 from torch import nn
 
-from launcher.batching import probe_micro_batch
-from launcher.checkpoint import (
+from launcher.train.batching import probe_micro_batch
+from launcher.train.preemption import PREEMPTED_EXIT_CODE
+from launcher.train.state import (
     CheckpointDir,
     atomic_save,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
 )
-from launcher.preemption import PREEMPTED_EXIT_CODE
-from launcher.tracking import plot_curves, prepare_wandb_environment, read_metrics
+from launcher.train.tracking import plot_curves, prepare_wandb_environment, read_metrics
 
 
 class PretendsToRunOutOfMemory(nn.Module):
@@ -123,20 +122,20 @@ def test_curves_png_from_metrics(tmp_path: Path) -> None:
 
 
 def test_preempted_exit_code_is_exported_from_engine() -> None:
-    from launcher.engine import PREEMPTED_EXIT_CODE as from_engine
+    from launcher.train.loop import PREEMPTED_EXIT_CODE as from_engine
 
     assert from_engine == PREEMPTED_EXIT_CODE == 75
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("on_updates", [False, True])
-def test_engine_applies_timm_cosine_schedule(digits_shards: Path,  # noqa: F811
+def test_engine_applies_timm_cosine_schedule(digits_shards: Path,
                                               tmp_path: Path, on_updates: bool) -> None:
     """The LR logged after every optimizer step equals timm's CosineLRScheduler for the recipe."""
     from timm.scheduler import CosineLRScheduler
 
-    from launcher.engine import train
-    from launcher.train import load_recipe
+    from launcher.train.command import load_recipe
+    from launcher.train.loop import train
 
     updates = 2
     cfg = dataclasses.replace(
@@ -164,9 +163,9 @@ def test_engine_applies_timm_cosine_schedule(digits_shards: Path,  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("limit", [3, 4])  # mid-epoch and exactly at an epoch end
-def test_max_train_steps_stops_the_run_there(digits_shards: Path, tmp_path: Path, limit: int) -> None:  # noqa: F811
-    from launcher.engine import train
-    from launcher.train import load_recipe
+def test_max_train_steps_stops_the_run_there(digits_shards: Path, tmp_path: Path, limit: int) -> None:
+    from launcher.train.command import load_recipe
+    from launcher.train.loop import train
 
     cfg = dataclasses.replace(
         load_recipe("a3"), data=str(digits_shards), model="resnet18", img_size=16, test_img_size=0, epochs=5,

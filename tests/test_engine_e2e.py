@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import REPO, digits_shards, recipe_command, run, subprocess_env  # noqa: F401
+from engine_helpers import REPO, recipe_command, run, subprocess_env
 
-from launcher.preemption import PREEMPTED_EXIT_CODE
-from launcher.tracking import read_metrics
+from launcher.train.preemption import PREEMPTED_EXIT_CODE
+from launcher.train.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +54,14 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
 
 
 @pytest.fixture(scope="module")
-def reference_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def reference_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("reference") / "run"
     result = run(recipe_command("a3", "--data", str(digits_shards), "--output", str(output), *SHORT_RUN), REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return output
 
 
-def test_shrunk_a3_learns_digits(digits_shards: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_shrunk_a3_learns_digits(digits_shards: Path, tmp_path: Path) -> None:
     """A3's optimization (LAMB 8e-3, warmup + cosine per epoch, BCE with threshold 0.2) on 10 digit classes.
 
     Shrunk to fit CI: ResNet-18 at 32 px, global batch 32, 4 epochs of 20 updates. Mixup/cutmix,
@@ -87,7 +87,7 @@ def test_shrunk_a3_learns_digits(digits_shards: Path, tmp_path: Path) -> None:  
     assert set(best["model"]) >= {"conv1.weight", "layer4.1.bn2.weight", "fc.weight"}
 
 
-def test_sigkill_then_resume_auto_is_bitwise_identical(digits_shards: Path, reference_run: Path,  # noqa: F811
+def test_sigkill_then_resume_auto_is_bitwise_identical(digits_shards: Path, reference_run: Path,
                                                        tmp_path: Path) -> None:
     output = tmp_path / "killed"
     command = recipe_command("a3", "--data", str(digits_shards), "--output", str(output), *SHORT_RUN)
@@ -107,7 +107,7 @@ def test_sigkill_then_resume_auto_is_bitwise_identical(digits_shards: Path, refe
     assert steps == list(range(1, TOTAL_STEPS + 1))  # lines after the checkpoint were dropped, not duplicated
 
 
-def test_sigusr1_checkpoints_exits_75_and_resumes(digits_shards: Path, reference_run: Path,  # noqa: F811
+def test_sigusr1_checkpoints_exits_75_and_resumes(digits_shards: Path, reference_run: Path,
                                                   tmp_path: Path) -> None:
     output = tmp_path / "preempted"
     command = recipe_command("a3", "--data", str(digits_shards), "--output", str(output), *SHORT_RUN)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from finetune_helpers import finetuned_run
 
-from launcher.export import export_checkpoint, main
-from launcher.inference import load_model
+from launcher.inference.evaluate import load_model
+from launcher.inference.export import export_checkpoint, main
 from launcher.models import create_resnet
 
 
@@ -91,7 +91,7 @@ def test_finetuned_checkpoint_round_trip(tmp_path_factory: pytest.TempPathFactor
     import torchvision
     from safetensors.torch import load_file
 
-    from launcher.images import read_file_bytes
+    from launcher.data.images import read_file_bytes
 
     output, _, _ = finetuned_run(tmp_path_factory.getbasetemp())
     best = output / "checkpoints" / "best.pt"

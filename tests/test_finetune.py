@@ -9,9 +9,9 @@ import pytest
 import torch
 from finetune_helpers import finetuned_run
 
-from launcher import finetune
-from launcher.finetune import AUGMENT_LEVELS, diagnose, make_validation_split, plan_run
-from launcher.modelcards import get_card
+from launcher.finetune import command as finetune
+from launcher.finetune.command import AUGMENT_LEVELS, diagnose, make_validation_split, plan_run
+from launcher.finetune.modelcards import get_card
 
 
 def touch_tree(root: Path, counts: dict[str, int]) -> Path:
@@ -111,12 +111,12 @@ def test_diagnosis_follows_the_cards_common_issues() -> None:
 
 def test_out_of_memory_is_caught_with_advice(small_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import launcher.engine
+    import launcher.train.loop
 
     def fail(cfg: object) -> dict:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(launcher.engine, "train", fail)
+    monkeypatch.setattr(launcher.train.loop, "train", fail)
     args = [str(small_tree), "--weights", "none", "--output", str(tmp_path / "r"), "--batch-size", "32",
             "--micro-batch", "16"]
     assert finetune.main(args) == 2

@@ -1,4 +1,4 @@
-"""launcher.images: what is stored byte for byte, what is converted (checked by pixel values), what is
+"""launcher.data.images: what is stored byte for byte, what is converted (checked by pixel values), what is
 rejected and why. Every input kind is built here with Pillow; images are tiny."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launcher.images import (
+from launcher.data.images import (
     ImagePolicy,
     ImageRejected,
     encode_for_shard,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from finetune_helpers import finetuned_run
 
-from launcher.inference import classification_report, evaluate_main, predict_main
+from launcher.inference.evaluate import classification_report, evaluate_main, predict_main
 
 
 def test_classification_report_matches_sklearn() -> None:

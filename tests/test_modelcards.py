@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.modelcards import (
+from launcher.finetune.modelcards import (
     CARDS,
     CardRangeError,
     DeviceInfo,

@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from timm.layers import DropPath
 from torch import nn
 
-from launcher.models import (
-    RESNET_NAMES,
+from launcher.models.optim import create_loss, create_optimizer
+from launcher.models.registry import RESNET_NAMES, unwrap_model
+from launcher.models.resnet import (
     FrozenStatsBatchNorm2d,
     FrozenStatsSyncBatchNorm,
     WeightsUnavailableError,
@@ -24,9 +25,7 @@ from launcher.models import (
     load_weights_file,
     model_info,
     set_trainable_layers,
-    unwrap_model,
 )
-from launcher.optim import create_loss, create_optimizer
 
 torch.set_num_threads(2)
 

@@ -13,7 +13,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from launcher.models import create_resnet
-from launcher.optim import (
+from launcher.models.optim import (
     create_loss,
     create_optimizer,
     create_scheduler,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from launcher.config import validate
-from launcher.train import load_recipe
+from launcher.train.command import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""launcher.shard_writer: hand-written tar members match the tarfile library byte for byte; shard
+"""launcher.shardify.writer: hand-written tar members match the tarfile library byte for byte; shard
 limits; temporary names until publish."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.shard_writer import OutputError, OutputStaging, TarWriter, shard_prefix
+from launcher.shardify.writer import OutputError, OutputStaging, TarWriter, shard_prefix
 
 
 def library_tar(members: list[tuple[str, bytes]]) -> bytes:

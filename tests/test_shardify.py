@@ -25,10 +25,10 @@ from launcher.shardify import (
     EXIT_STRICT,
     EXIT_USAGE,
     EXIT_VERIFY_FAILED,
-    main,
     shardify,
 )
 from launcher.shardify import verify as verify_output
+from launcher.shardify.cli import main
 
 KEY = re.compile(r"(train|validation)_\d{8}")
 

@@ -185,7 +185,7 @@ def preempt_twice(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory):
-    from launcher.sample_data import make_digits_tree
+    from launcher.data.sample_data import make_digits_tree
 
     tmp = tmp_path_factory.mktemp("slurm")
     data = tmp / "digits"

@@ -11,7 +11,7 @@ rotated by ``k % workers`` so that its round-robin collection yields batch ``k``
 
 Corrupt data: a sample that fails to decode is replaced by another sample of the same batch augmented
 with the failed slot's own seed (batch-local, so resuming stays exact); a short or damaged shard is
-made up for from the worker's spare stream (see :mod:`launcher.data.sharding`). Each event is counted in
+made up for from the worker's spare stream (see :mod:`launcher.data.plan`). Each event is counted in
 ``loader.stats`` and logged once, naming the shard.
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from launcher.data.sharding import TrainPlan, count_batches, eval_plan, mix_seed, shuffle_buffer
+from launcher.data.plan import TrainPlan, count_batches, eval_plan, mix_seed, shuffle_buffer
 from launcher.data.sources import (
     Dataset,
     RawSample,

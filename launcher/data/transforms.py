@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, create_transform
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from launcher.images import exif_orientation, to_rgb
+from launcher.data.images import exif_orientation, to_rgb
 
 _INTERPOLATION = {
     "bicubic": TF.InterpolationMode.BICUBIC,

@@ -1,4 +1,4 @@
-"""Shared fixtures of the engine tests: real digit images (scikit-learn) as shardify shards."""
+"""Helpers of the engine tests: free ports, subprocess environments, recipe command lines."""
 
 from __future__ import annotations
 
@@ -8,20 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from launcher.sample_data import make_digits_tree
-    from launcher.shardify import shardify
-
-    root = tmp_path_factory.mktemp("digits")
-    make_digits_tree(root / "images", size=32)
-    shardify(root / "images", root / "shards", val_fraction=0.15, workers=1, progress=False)
-    return root / "shards"
 
 
 def free_port() -> int:

@@ -1,9 +1,9 @@
 """`shardify SRC`: class folders -> WebDataset shards that timm and webdataset read directly.
 
-Steps: walk SRC and plan the splits (:mod:`launcher.shard_source`), shuffle the file list with the seed,
+Steps: walk SRC and plan the splits (:mod:`launcher.data.folders`), shuffle the file list with the seed,
 decode/convert images in a process pool in bounded, ordered chunks (memory does not grow with the
 dataset), append them to tars under temporary names, then publish atomically with ``_info.json`` last
-(:mod:`launcher.shard_writer`). ``shardify verify DIR`` re-reads everything (:mod:`launcher.shard_verify`).
+(:mod:`launcher.shardify.writer`). ``shardify verify DIR`` re-reads everything (:mod:`launcher.shardify.verify`).
 
 Python API::
 
@@ -15,7 +15,6 @@ Python API::
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,17 +25,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from launcher import __version__
-from launcher.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, ImagePolicy
-from launcher.shard_blocks import (
+from launcher.data.folders import SourceError, SourceFile, SourcePlan, plan_source, samples_per_shard_cap
+from launcher.data.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, ImagePolicy
+from launcher.shardify.encode import (
     BlockResult,
     BlockRunner,
     available_cores,
     estimate_sample_bytes,
     plan_blocks,
 )
-from launcher.shard_source import SourceError, SourceFile, SourcePlan, plan_source, samples_per_shard_cap
-from launcher.shard_verify import VerifyResult, verify
-from launcher.shard_writer import (
+from launcher.shardify.verify import VerifyResult, verify
+from launcher.shardify.writer import (
     OutputError,
     OutputStaging,
     ShardRecord,
@@ -45,8 +44,7 @@ from launcher.shard_writer import (
     shard_prefix,
 )
 
-__all__ = ["ShardifyOptions", "ShardifyResult", "ShardifyError", "SkippedFile", "VerifyResult", "main",
-           "shardify", "verify"]
+__all__ = ["ShardifyOptions", "ShardifyResult", "ShardifyError", "SkippedFile", "VerifyResult", "shardify", "verify"]
 
 EXIT_OK = 0  # every file was stored
 EXIT_SKIPPED = 1  # output written, but some files were skipped (listed in report.json)
@@ -125,7 +123,7 @@ class ShardifyOptions:
 @dataclass(frozen=True)
 class SkippedFile:
     path: str  # relative to SRC
-    reason: str  # one of launcher.images.REASONS
+    reason: str  # one of launcher.data.images.REASONS
     detail: str
 
 
@@ -328,13 +326,3 @@ def _extra_files(plan: SourcePlan, result: ShardifyResult) -> dict[str, object]:
     }
     return {"classes.json": plan.classes, "report.json": report}
 
-
-def main(argv: list[str] | None = None) -> int:
-    """The `shardify` console script (see :mod:`launcher.shardify_cli`)."""
-    from launcher.shardify_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

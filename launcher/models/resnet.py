@@ -24,12 +24,13 @@ from typing import Any
 import timm
 from torch import nn
 
-from launcher.pretrained import (
+from launcher.models.pretrained import (
     WeightsUnavailableError,
     load_pretrained_state_dict,
     load_weights_file,
     resolve_weights,
 )
+from launcher.models.registry import RESNET_NAMES, unwrap_model
 
 __all__ = [
     "RESNET_NAMES",
@@ -46,8 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Stages from the head backwards: trainable_layers=N unfreezes the last N entries.
 _STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
@@ -181,17 +180,6 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Small helpers for the engine and export
 # --------------------------------------------------------------------------------------------------
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed / accelerate (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
-
 
 def model_info(model: nn.Module) -> dict[str, Any]:
     """Parameter counts and the frozen/trainable split, for logs and summaries."""

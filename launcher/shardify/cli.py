@@ -1,4 +1,4 @@
-"""Command line of `shardify SRC` and `shardify verify DIR` (entry point: ``launcher.shardify:main``)."""
+"""Command line of `shardify SRC` and `shardify verify DIR` (console script ``shardify``; also ``python -m launcher.shardify``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher.shardify import (
+from launcher.shardify.pipeline import (
     EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
     EXIT_OK,

@@ -15,11 +15,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from launcher import batching
-from launcher.checkpoint import FORMAT_VERSION, capture_rng_state, model_state_dict, restore_rng_state
 from launcher.config import ConfigError, TrainConfig, mixing_enabled
+from launcher.train import batching
 
-log = logging.getLogger("launcher.engine")
+log = logging.getLogger("launcher.train.loop")
 
 
 @dataclasses.dataclass
@@ -86,7 +85,7 @@ def _class_weights(cfg: TrainConfig, ds: Any, num_classes: int) -> torch.Tensor 
 def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
     from launcher.data import BatchTransform, build_eval_loader, build_train_loader
     from launcher.models import convert_sync_batchnorm, create_resnet
-    from launcher.optim import create_loss, create_optimizer, create_scheduler
+    from launcher.models.optim import create_loss, create_optimizer, create_scheduler
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     ds = _open_data(cfg)
@@ -173,91 +172,6 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
                     updates_per_epoch=updates, lr=lr, num_classes=num_classes, classes=list(ds.classes),
                     config_dict=config_dict, data_kind=str(getattr(ds, "kind", "?")),
                     train_samples=train_samples, val_samples=val_samples)
-
-
-# --------------------------------------------------------------------------------------------------
-# Exact-resume state
-# --------------------------------------------------------------------------------------------------
-
-def _is_deepspeed(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def resumable_state(parts: RunParts, accelerator: Accelerator, progress: dict[str, Any],
-                    output: Path) -> dict[str, Any]:
-    """Everything an identical continuation needs. Collective: every rank must call it."""
-    rng = [capture_rng_state()]
-    if accelerator.num_processes > 1:
-        gathered: list[Any] = [None] * accelerator.num_processes
-        torch.distributed.all_gather_object(gathered, rng[0])
-        rng = gathered
-    optimizer_state = None
-    if _is_deepspeed(accelerator):  # ZeRO partitions the optimizer state: DeepSpeed writes its own files
-        accelerator.save_state(str(output / "checkpoints" / "deepspeed"))
-    else:
-        optimizer_state = parts.optimizer.state_dict()
-    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": model_state_dict(accelerator.unwrap_model(parts.model)),
-        "config": parts.config_dict,
-        "classes": parts.classes,
-        "epoch": progress["epoch"],
-        "step": progress["step"],
-        "optimizer": optimizer_state,
-        "scheduler": parts.scheduler.state_dict(),
-        "scaler": scaler,
-        "ema": model_state_dict(parts.ema.module) if parts.ema is not None else None,
-        "rng": rng,
-        "progress": progress,
-        "data_position": {"epoch": progress["epoch"], "update": progress["update"],
-                          "micro_batch_index": progress["update"] * parts.accumulation},
-        "world_size": accelerator.num_processes,
-        "micro_batch": parts.micro_batch,
-        "accumulation": parts.accumulation,
-        "best_top1": progress["best_top1"],
-        "wandb_run_id": progress["wandb_id"],
-    }
-
-
-def restore(state: dict[str, Any], parts: RunParts, accelerator: Accelerator, progress_cls: type) -> Any:
-    """Load a resumable checkpoint into the prepared parts; returns the restored progress."""
-    if state.get("progress") is None or ("optimizer" not in state):
-        raise ConfigError("resume: this checkpoint holds weights only (e.g. best.pt); resume from last.pt "
-                          "or a step-*.pt file")
-    old = state["config"]
-    for key in ("model", "global_batch", "epochs", "img_size", "opt", "num_classes"):
-        new = parts.config_dict.get(key)
-        if old.get(key) != new:
-            log.warning("resume: %s changed from %r to %r; the continuation differs from the original run",
-                        key, old.get(key), new)
-    accelerator.unwrap_model(parts.model).load_state_dict(state["model"])
-    if _is_deepspeed(accelerator):
-        accelerator.load_state(str(Path(state["config"]["output"]) / "checkpoints" / "deepspeed"))
-    else:
-        parts.optimizer.load_state_dict(state["optimizer"])
-    parts.scheduler.load_state_dict(state["scheduler"])
-    if accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
-    if parts.ema is not None:
-        if state.get("ema") is not None:
-            parts.ema.module.load_state_dict(state["ema"])
-        else:
-            log.warning("resume: the checkpoint has no EMA weights; the EMA restarts from the current weights")
-            parts.ema.module.load_state_dict(accelerator.unwrap_model(parts.model).state_dict())
-    same_layout = (state["world_size"] == accelerator.num_processes and state["micro_batch"] == parts.micro_batch)
-    rank = accelerator.process_index
-    if same_layout:
-        restore_rng_state(state["rng"][rank])
-    else:
-        from launcher.engine import seed_everything
-
-        log.warning("resume: world size / micro-batch changed (%d x %d -> %d x %d): training continues at the same "
-                    "step with the same global batch, but data order and augmentation differ from the original",
-                    state["world_size"], state["micro_batch"], accelerator.num_processes, parts.micro_batch)
-        seed_everything(parts.config_dict["seed"] + rank + 1000 * state["step"])
-    fields = {f.name for f in dataclasses.fields(progress_cls)}
-    return progress_cls(**{k: v for k, v in state["progress"].items() if k in fields})
 
 
 def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, precision: str, output: Path,

@@ -12,6 +12,8 @@ Every file is a plain dict of tensors / numbers / strings / lists, so it loads w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
 import random
 from collections.abc import Mapping
@@ -20,6 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from launcher.config import ConfigError
+from launcher.models.registry import unwrap_model
+
+log = logging.getLogger("launcher.train")
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -159,6 +168,114 @@ class CheckpointDir:
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict on CPU with plain torchvision/timm key names (no DDP ``module.``/compile prefixes)."""
-    from launcher.models import unwrap_model
-
     return {k: v.detach().to("cpu", copy=True) for k, v in unwrap_model(model).state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress and seeding
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint. ``update`` counts optimizer steps inside ``epoch``."""
+
+    epoch: int = 0
+    update: int = 0
+    step: int = 0
+    best_top1: float = -1.0
+    best_step: int = -1
+    evals_since_best: int = 0
+    final: dict[str, Any] = dataclasses.field(default_factory=dict)
+    wandb_id: str | None = None
+    train_images: int = 0
+    train_seconds: float = 0.0
+    data_seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact-resume state
+# --------------------------------------------------------------------------------------------------
+
+def _is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def resumable_state(parts: Any, accelerator: Accelerator, progress: dict[str, Any],
+                    output: Path) -> dict[str, Any]:
+    """Everything an identical continuation needs. Collective: every rank must call it."""
+    rng = [capture_rng_state()]
+    if accelerator.num_processes > 1:
+        gathered: list[Any] = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, rng[0])
+        rng = gathered
+    optimizer_state = None
+    if _is_deepspeed(accelerator):  # ZeRO partitions the optimizer state: DeepSpeed writes its own files
+        accelerator.save_state(str(output / "checkpoints" / "deepspeed"))
+    else:
+        optimizer_state = parts.optimizer.state_dict()
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_state_dict(accelerator.unwrap_model(parts.model)),
+        "config": parts.config_dict,
+        "classes": parts.classes,
+        "epoch": progress["epoch"],
+        "step": progress["step"],
+        "optimizer": optimizer_state,
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": scaler,
+        "ema": model_state_dict(parts.ema.module) if parts.ema is not None else None,
+        "rng": rng,
+        "progress": progress,
+        "data_position": {"epoch": progress["epoch"], "update": progress["update"],
+                          "micro_batch_index": progress["update"] * parts.accumulation},
+        "world_size": accelerator.num_processes,
+        "micro_batch": parts.micro_batch,
+        "accumulation": parts.accumulation,
+        "best_top1": progress["best_top1"],
+        "wandb_run_id": progress["wandb_id"],
+    }
+
+
+def restore(state: dict[str, Any], parts: Any, accelerator: Accelerator) -> Progress:
+    """Load a resumable checkpoint into the prepared parts; returns the restored progress."""
+    if state.get("progress") is None or ("optimizer" not in state):
+        raise ConfigError("resume: this checkpoint holds weights only (e.g. best.pt); resume from last.pt "
+                          "or a step-*.pt file")
+    old = state["config"]
+    for key in ("model", "global_batch", "epochs", "img_size", "opt", "num_classes"):
+        new = parts.config_dict.get(key)
+        if old.get(key) != new:
+            log.warning("resume: %s changed from %r to %r; the continuation differs from the original run",
+                        key, old.get(key), new)
+    accelerator.unwrap_model(parts.model).load_state_dict(state["model"])
+    if _is_deepspeed(accelerator):
+        accelerator.load_state(str(Path(state["config"]["output"]) / "checkpoints" / "deepspeed"))
+    else:
+        parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None:
+        if state.get("ema") is not None:
+            parts.ema.module.load_state_dict(state["ema"])
+        else:
+            log.warning("resume: the checkpoint has no EMA weights; the EMA restarts from the current weights")
+            parts.ema.module.load_state_dict(accelerator.unwrap_model(parts.model).state_dict())
+    same_layout = (state["world_size"] == accelerator.num_processes and state["micro_batch"] == parts.micro_batch)
+    rank = accelerator.process_index
+    if same_layout:
+        restore_rng_state(state["rng"][rank])
+    else:
+        log.warning("resume: world size / micro-batch changed (%d x %d -> %d x %d): training continues at the same "
+                    "step with the same global batch, but data order and augmentation differ from the original",
+                    state["world_size"], state["micro_batch"], accelerator.num_processes, parts.micro_batch)
+        seed_everything(parts.config_dict["seed"] + rank + 1000 * state["step"])
+    fields = {f.name for f in dataclasses.fields(Progress)}
+    return Progress(**{k: v for k, v in state["progress"].items() if k in fields})

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from launcher.inference import LoadedModel, default_output, load_model
+from launcher.inference.evaluate import LoadedModel, default_output, load_model
 
 FORMATS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 # A small input keeps verification quick (the ONNX reference evaluator is pure numpy); ResNets are

@@ -23,12 +23,26 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from launcher.checkpoint import CheckpointDir, load_checkpoint
 from launcher.config import TrainConfig, save_config, validate
-from launcher.engine_setup import RunParts, build_parts, restore, resumable_state, startup_report
-from launcher.precision import configure_backends, resolve_device, resolve_precision
-from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag, clear_marker, write_marker
-from launcher.tracking import (
+from launcher.train.build import RunParts, build_parts, startup_report
+from launcher.train.precision import configure_backends, resolve_device, resolve_precision
+from launcher.train.preemption import (
+    PREEMPTED_EXIT_CODE,
+    Preempted,
+    PreemptionFlag,
+    clear_marker,
+    write_marker,
+)
+from launcher.train.state import (
+    CheckpointDir,
+    Progress,
+    load_checkpoint,
+    model_state_dict,
+    restore,
+    resumable_state,
+    seed_everything,
+)
+from launcher.train.tracking import (
     CURVES_FILE,
     SUMMARY_FILE,
     MetricsLog,
@@ -40,24 +54,7 @@ from launcher.tracking import (
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "train", "evaluate"]
 
-log = logging.getLogger("launcher.engine")
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where the run is; saved in every checkpoint. ``update`` counts optimizer steps inside ``epoch``."""
-
-    epoch: int = 0
-    update: int = 0
-    step: int = 0
-    best_top1: float = -1.0
-    best_step: int = -1
-    evals_since_best: int = 0
-    final: dict[str, Any] = dataclasses.field(default_factory=dict)
-    wandb_id: str | None = None
-    train_images: int = 0
-    train_seconds: float = 0.0
-    data_seconds: float = 0.0
+log = logging.getLogger("launcher.train.loop")
 
 
 def default_output(cfg: TrainConfig, accelerator: Accelerator) -> Path:
@@ -148,7 +145,7 @@ class Trainer:
         resumed_from = None
         if resume_path is not None:
             state = load_checkpoint(resume_path)
-            self.progress = restore(state, self.parts, acc, Progress)
+            self.progress = restore(state, self.parts, acc)
             resumed_from = resume_path
         else:
             seed_everything(cfg.seed + acc.process_index)
@@ -176,8 +173,6 @@ class Trainer:
         if not self.main:
             return
         source = self.parts.ema.module if self.parts.ema is not None else self.model
-        from launcher.checkpoint import model_state_dict
-
         self.ckpt.save_best({"model": model_state_dict(source), "config": self.parts.config_dict,
                              "classes": self.parts.classes, "epoch": self.progress.epoch,
                              "step": self.progress.step, "metrics": metrics, "ema": self.parts.ema is not None})
@@ -361,16 +356,6 @@ class Trainer:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

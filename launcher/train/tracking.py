@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("launcher.tracking")
+log = logging.getLogger("launcher.train.tracking")
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

@@ -30,7 +30,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from launcher.losses import LOSS_NAMES, SoftTargetCrossEntropyLoss, create_loss
+from launcher.models.losses import LOSS_NAMES, SoftTargetCrossEntropyLoss, create_loss
 
 __all__ = [
     "LOSS_NAMES",

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.images import EncodedImage, ImagePolicy, ImageRejected, encode_for_shard, pil_pixel_limit
-from launcher.shard_writer import ShardRecord, TarWriter
+from launcher.data.images import EncodedImage, ImagePolicy, ImageRejected, encode_for_shard, pil_pixel_limit
+from launcher.shardify.writer import ShardRecord, TarWriter
 
 _PROGRESS_POLL_S = 0.2
 _SIZE_SAMPLE = 256  # files stat'ed to estimate the stored size of a sample

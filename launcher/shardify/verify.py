@@ -19,9 +19,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from launcher.images import ImageRejected, decode_bytes
-from launcher.shard_blocks import available_cores, pool_context
-from launcher.shard_writer import INFO_NAME
+from launcher.data.images import ImageRejected, decode_bytes
+from launcher.shardify.encode import available_cores, pool_context
+from launcher.shardify.writer import INFO_NAME
 
 MAX_ERRORS_PER_SHARD = 20
 REQUIRED_MEMBERS = ("jpg", "cls", "json")

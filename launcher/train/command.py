@@ -5,12 +5,13 @@
     launcher train --config runs/NAME/config.yaml --resume auto  # continue a run from its folder
 
 Exit codes: 0 done, 2 bad setting (one-line error), 75 preempted (checkpoint written, resume with
-``--resume auto``; see ``launcher.engine.PREEMPTED_EXIT_CODE``).
+``--resume auto``; see ``launcher.train.loop.PREEMPTED_EXIT_CODE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -20,37 +21,34 @@ from launcher.config import ConfigError, TrainConfig, parse_config
 RECIPE_NAMES = ("a1", "a2", "a3")
 
 
-def recipe_search_paths(name: str) -> list[Path]:
-    """Where ``--recipe NAME`` is looked up: a path as given, ./recipes/, then the source checkout's recipes/."""
-    if name.endswith(".py") or "/" in name:
-        return [Path(name)]
-    return [Path.cwd() / "recipes" / f"{name}.py", Path(__file__).resolve().parent.parent / "recipes" / f"{name}.py"]
-
-
 def load_recipe(name: str) -> TrainConfig:
-    """The ``RECIPE`` of a recipe file, found by name (a1/a2/a3) or path."""
-    candidates = recipe_search_paths(name)
-    for path in candidates:
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location(f"_recipe_{path.stem}", path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            recipe = getattr(module, "RECIPE", None)
-            if not isinstance(recipe, TrainConfig):
-                raise ConfigError(f"recipe file {path} does not define RECIPE = TrainConfig(...)")
-            return recipe
-    raise ConfigError(f"recipe {name!r} not found (looked at {', '.join(map(str, candidates))})")
+    """The ``RECIPE`` of a shipped recipe (a1/a2/a3, from :mod:`launcher.recipes`) or of a recipe file (a path)."""
+    if not (name.endswith(".py") or "/" in name):
+        if name not in RECIPE_NAMES:
+            raise ConfigError(f"recipe {name!r} is unknown: use one of {', '.join(RECIPE_NAMES)} or a path to a .py file")
+        module = importlib.import_module(f"launcher.recipes.{name}")
+        return module.RECIPE
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"_recipe_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipe = getattr(module, "RECIPE", None)
+    if not isinstance(recipe, TrainConfig):
+        raise ConfigError(f"recipe file {path} does not define RECIPE = TrainConfig(...)")
+    return recipe
 
 
 def run_recipe(recipe: TrainConfig, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse overrides onto ``recipe``, train, and return the process exit code."""
-    from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse_config(argv, recipe, prog=prog or Path(sys.argv[0]).name)
-        from launcher.engine import train  # heavy imports only once the command line is valid
+        from launcher.train.loop import train  # heavy imports only once the command line is valid
 
         train(cfg)
     except ConfigError as exc:

@@ -12,7 +12,7 @@ from torch import nn
 
 from launcher.config import ConfigError
 
-log = logging.getLogger("launcher.batching")
+log = logging.getLogger("launcher.train.batching")
 
 CPU_MICRO_BATCH = 32  # big enough for good CPU kernels, small enough for a laptop's memory
 MAX_PROBE_BATCH = 1024

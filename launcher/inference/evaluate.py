@@ -25,8 +25,8 @@ import torch.nn.functional as F  # noqa: N812
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from launcher.checkpoint import load_checkpoint
-from launcher.modelcards import IMAGE_EXTENSIONS
+from launcher.finetune.modelcards import IMAGE_EXTENSIONS
+from launcher.train.state import load_checkpoint
 
 
 @dataclass
@@ -71,7 +71,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint (loaded safely by :func:`launcher.checkpoint.load_checkpoint`) with its config."""
+    """A training checkpoint (loaded safely by :func:`launcher.train.state.load_checkpoint`) with its config."""
     checkpoint = load_checkpoint(path)
     if "config" not in checkpoint:
         raise ValueError(f"{path} is not a training checkpoint (missing config); "
@@ -288,7 +288,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        from launcher.images import ImageRejected, read_file_bytes
+        from launcher.data.images import ImageRejected, read_file_bytes
 
         try:
             return index, self.transform(read_file_bytes(self.paths[index])), ""

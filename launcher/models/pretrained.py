@@ -23,6 +23,8 @@ import torch
 import torchvision
 from torch import nn
 
+from launcher.models.registry import RESNET_NAMES, unwrap_model
+
 __all__ = [
     "WeightsUnavailableError",
     "load_pretrained_state_dict",
@@ -218,8 +220,6 @@ def _timm_state_dict(name: str, spec: str) -> tuple[str, dict[str, torch.Tensor]
 
 def load_pretrained_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Load ``state_dict`` into ``model``: classifier dropped if its shape differs, otherwise strict."""
-    from launcher.models import unwrap_model
-
     target = unwrap_model(model)
     own = target.state_dict()
     state = dict(state_dict)
@@ -253,8 +253,6 @@ def load_pretrained_state_dict(model: nn.Module, state_dict: Mapping[str, torch.
 
 def _architecture_hint(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
     """' (they are resnet34 weights)' when the tensors fit another supported depth exactly."""
-    from launcher.models import RESNET_NAMES
-
     shapes = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("fc.")}
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
     if shapes.items() <= own.items() and set(own) - set(shapes) <= {k for k in own if "num_batches" in k}:

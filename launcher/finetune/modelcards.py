@@ -230,7 +230,7 @@ class DatasetStats:
 def scan_dataset(path: str | Path) -> DatasetStats:
     """Count images per class in a class-folder tree (optionally with train/ and val/ subfolders, the
     same layouts the data layer reads) or a shardify output folder (reads its ``_info.json``)."""
-    from launcher.shard_source import SourceError, plan_source
+    from launcher.data.folders import SourceError, plan_source
 
     root = Path(path)
     if not root.is_dir():

@@ -3,7 +3,7 @@
 The run is an ordinary training run of the shared engine (same run folder, checkpoints and
 ``summary.json``); this module only decides the configuration and guards it:
 
-1. Start from the model card (:mod:`launcher.modelcards`): batch size (the *global* batch; the engine
+1. Start from the model card (:mod:`launcher.finetune.modelcards`): batch size (the *global* batch; the engine
    splits it into micro-batches with gradient accumulation), epochs, learning rate, Eval Steps.
    ``--auto`` replaces them with the card's advice for the dataset's size. Explicit flags win; values
    outside the card's range are refused unless ``--force``.
@@ -36,7 +36,7 @@ from typing import Any
 
 from launcher.config import ConfigError, TrainConfig, parse_config
 from launcher.config import build_parser as build_config_parser
-from launcher.modelcards import (
+from launcher.finetune.modelcards import (
     CardRangeError,
     DatasetStats,
     ModelCard,
@@ -92,7 +92,7 @@ def make_validation_split(data: str | Path, *, val_fraction: float, seed: int, c
     The folder name hashes the file list, fraction and seed, so every rank of a multi-process run (and
     every re-run) finds the same split; it is built in a temporary folder and renamed into place.
     """
-    from launcher.shard_source import SourceError, plan_source
+    from launcher.data.folders import SourceError, plan_source
 
     root = Path(data).resolve()
     try:
@@ -348,7 +348,7 @@ def diagnose(train_top1: float, val_top1: float, card: ModelCard, cfg: TrainConf
 
 def _after_training(plan: Plan, summary: dict[str, Any]) -> dict[str, Any]:
     """Train-set accuracy of best.pt, the fit diagnosis, finetune.json, and a "finetune" entry in summary.json."""
-    from launcher.inference import evaluate_checkpoint
+    from launcher.inference.evaluate import evaluate_checkpoint
 
     output = Path(summary["output"])
     best = output / "checkpoints" / "best.pt"
@@ -393,7 +393,7 @@ def _oom_advice(cfg: TrainConfig) -> str:
 
 def run(plan: Plan) -> dict[str, Any]:
     """Train with the engine, then check the fit. Raises ConfigError with advice on out-of-memory."""
-    from launcher.engine import train
+    from launcher.train.loop import train
 
     try:
         summary = train(plan.cfg)
@@ -408,7 +408,7 @@ def run(plan: Plan) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None, base: TrainConfig | None = None) -> int:
     from launcher.models import WeightsUnavailableError
-    from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in argv):

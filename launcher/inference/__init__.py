@@ -1,0 +1,1 @@
+"""Using a trained model: evaluate / predict (evaluate.py) and export (export.py)."""

@@ -1,0 +1,7 @@
+"""``python -m launcher.shardify SRC`` = the ``shardify`` command."""
+
+import sys
+
+from launcher.shardify.cli import main
+
+sys.exit(main())
