@@ -49,7 +49,8 @@ class TrainConfig:
     data: str = _f("", "shard folder (shardify output), URL/brace pattern ('...{000..009}.tar|N'), or class-folder tree")
     train_split: str = _f("train", "name of the training split")
     val_split: str = _f("validation", "name of the validation split ('' = no evaluation)")
-    workers: int = _f(4, "data-loading worker processes per rank")
+    workers: int | None = _f(None, "loader worker processes per rank (None = the cores this process may use, one "
+                                   "fewer on GPUs; 0 = load in the main process)")
     pin_memory: bool = _f(True, "pin host memory for faster host-to-GPU copies (ignored on CPU)")
     # --- model ------------------------------------------------------------------------------------
     model: str = _f("resnet50", "ResNet variant (resnet18/34/50/101/152, ...)")
@@ -61,7 +62,8 @@ class TrainConfig:
     # --- batch and schedule -----------------------------------------------------------------------
     epochs: int = _f(100, "training epochs")
     global_batch: int = _f(2048, "images per optimizer step over all devices (micro x accumulation x world)")
-    micro_batch: int = _f(0, "images per device per forward pass (0 = largest that fits on CUDA, 32 on CPU)")
+    micro_batch: int = _f(0, "images per device per forward pass (0 = the largest that fits: probed on CUDA, "
+                             "from a host-memory budget on CPU)")
     opt: str = _f("lamb", "optimizer", OPTIMIZERS)
     lr: float = _f(5e-3, "peak learning rate, valid for a global batch of --lr-ref-batch")
     lr_ref_batch: int = _f(
@@ -90,7 +92,8 @@ class TrainConfig:
     model_ema_decay: float = _f(0.9998, "EMA decay per optimizer update")
     # --- augmentation and resolution --------------------------------------------------------------
     img_size: int = _f(224, "training resolution")
-    test_img_size: int = _f(0, "extra evaluation resolution (0 = none; A3 trains at 160, is evaluated at 224)")
+    test_img_size: int = _f(0, "extra evaluation resolution (0 = none; A3 trains at 160, is evaluated at 224). "
+                               "Changing --img-size alone scales the recipe's value by the same ratio")
     crop_pct: float = _f(0.95, "evaluation center-crop fraction (resize to img_size / crop_pct, then crop)")
     interpolation: str = _f("bicubic", "resize interpolation for train and eval", INTERPOLATIONS)
     auto_augment: str | None = _f("rand-m7-mstd0.5-inc1", "timm RandAugment string (None = off)")
@@ -270,8 +273,22 @@ def parse_config(argv: list[str] | None, base: TrainConfig | None = None, prog: 
     cfg = config_from_dict(given, cfg, source="command line")
     if "lr" in given and "lr_ref_batch" not in given:
         cfg = dataclasses.replace(cfg, lr_ref_batch=0)
+    overridden = set(given) | (set(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else set())
+    cfg = carry_test_resolution(cfg, base, overridden)
     validate(cfg)
     return cfg
+
+
+def carry_test_resolution(cfg: TrainConfig, recipe: TrainConfig, overridden: set[str]) -> TrainConfig:
+    """A recipe's extra test resolution follows a changed training resolution at the recipe's ratio.
+
+    A3 trains at 160 and is also evaluated at 224; trained at 32 px, the matching extra evaluation is at
+    45 px (32 x 224 / 160), not at 224, which would be both slow and meaningless for a 32-px model.
+    """
+    if "img_size" not in overridden or "test_img_size" in overridden or not recipe.test_img_size:
+        return cfg
+    carried = round(cfg.img_size * recipe.test_img_size / recipe.img_size)
+    return dataclasses.replace(cfg, test_img_size=carried if carried != cfg.img_size else 0)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -295,7 +312,8 @@ def validate(cfg: TrainConfig) -> None:
         need(cfg.model in RESNET_NAMES, f"model={cfg.model!r} is unknown; choose one of {', '.join(RESNET_NAMES)}")
     for name in ("epochs", "global_batch", "img_size", "eval_every"):
         need(getattr(cfg, name) > 0, f"{name} must be > 0 (got {getattr(cfg, name)})")
-    for name in ("micro_batch", "workers", "aug_repeats", "warmup_epochs", "test_img_size", "eval_batch",
+    need(cfg.workers is None or cfg.workers >= 0, f"workers must be >= 0 or none (got {cfg.workers})")
+    for name in ("micro_batch", "aug_repeats", "warmup_epochs", "test_img_size", "eval_batch",
                  "eval_every_steps", "early_stop_patience", "checkpoint_every", "keep_checkpoints",
                  "max_train_steps", "limit_train_batches", "limit_eval_batches", "num_classes", "threads",
                  "lr_ref_batch"):

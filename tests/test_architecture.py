@@ -5,8 +5,9 @@ files a plain wheel install needs (recipes, sbatch templates, accelerate/DeepSpe
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "launcher"

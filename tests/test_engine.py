@@ -14,14 +14,9 @@ import torch
 from torch import nn
 
 from launcher.train.batching import probe_micro_batch
+from launcher.train.checkpoints import CheckpointWriter, atomic_save, load_checkpoint
 from launcher.train.preemption import PREEMPTED_EXIT_CODE
-from launcher.train.state import (
-    CheckpointDir,
-    atomic_save,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-)
+from launcher.train.state import capture_rng_state, restore_rng_state
 from launcher.train.tracking import plot_curves, prepare_wandb_environment, read_metrics
 
 
@@ -84,13 +79,15 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path)
 
 
 def test_checkpoint_dir_keeps_k_and_points_last_at_newest(tmp_path: Path) -> None:
-    ckpt = CheckpointDir(tmp_path, keep=2)
+    ckpt = CheckpointWriter(tmp_path, keep=2)
     for step in (10, 20, 30):
         ckpt.save_resumable({"model": {"w": torch.tensor([float(step)])}, "step": step}, step)
+    ckpt.wait()
     assert [p.name for p in ckpt.step_checkpoints()] == ["step-00000020.pt", "step-00000030.pt"]
     assert load_checkpoint(ckpt.last)["step"] == 30
-    assert ckpt.resolve_resume("auto") == ckpt.last
-    assert CheckpointDir(tmp_path / "empty", keep=2).resolve_resume("auto") is None
+    path, state = ckpt.resolve_resume("auto")
+    assert path == ckpt.last and state is not None and state["step"] == 30
+    assert CheckpointWriter(tmp_path / "empty", keep=2).resolve_resume("auto") == (None, None)
     assert not list(tmp_path.glob(".*tmp*"))  # no temp files left behind
 
 

@@ -45,17 +45,10 @@ class BatchTransform:
             self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mix_prob,
                                switch_prob=switch_prob, mode=mode, label_smoothing=label_smoothing,
                                num_classes=num_classes)
-        self.last_lam: float | torch.Tensor = 1.0
 
     @property
     def mixup_enabled(self) -> bool:
         return self.mixup is not None and self.mixup.mixup_enabled
-
-    @mixup_enabled.setter
-    def mixup_enabled(self, value: bool) -> None:
-        """Switch mixing off (e.g. timm's --mixup-off-epoch); targets stay dense and smoothed."""
-        if self.mixup is not None:
-            self.mixup.mixup_enabled = value
 
     def _normalize(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -76,16 +69,8 @@ class BatchTransform:
               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._normalize(images, dtype)
         labels = labels.to(x.device, non_blocking=True)
-        lam: float | torch.Tensor = 1.0
         if self.mixup is not None and self.mixup.mixup_enabled:
             if len(x) % 2:
                 raise ValueError(f"Mixup/CutMix needs an even micro-batch, got {len(x)}")
-            if self.mixup.mode == "elem":
-                lam = self.mixup._mix_elem(x)
-            elif self.mixup.mode == "pair":
-                lam = self.mixup._mix_pair(x)
-            else:
-                lam = self.mixup._mix_batch(x)
-        self.last_lam = lam
-        targets = mixup_target(labels, self.num_classes, lam, self.label_smoothing)
-        return x, targets
+            return self.mixup(x, labels)  # timm's public call: draws, mixes in place, dense targets
+        return x, mixup_target(labels, self.num_classes, 1.0, self.label_smoothing)

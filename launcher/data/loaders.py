@@ -245,13 +245,18 @@ class TrainLoader(_LoaderBase):
             self.start = 0  # a resume position belongs to the epoch it was set for
         self.epoch = epoch
 
-    def set_start(self, batch_index: int) -> None:
+    def set_start(self, update: int) -> None:
+        batch_index = update * self.accumulation
         if not 0 <= batch_index <= len(self):
             raise ValueError(f"start batch {batch_index} outside [0, {len(self)}]")
         self.start = batch_index
 
     def __len__(self) -> int:
         return self.stream.plan(self.epoch).batches_per_rank
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return len(self) // self.accumulation
 
     @property
     def batch_size(self) -> int:
@@ -284,7 +289,7 @@ def _check_rank(rank: int, world_size: int, batch: int, name: str) -> None:
 
 
 def build_train_loader(
-    ds: Dataset, *, rank: int, world_size: int, micro_batch: int, img_size: int,
+    ds: Dataset, *, rank: int, world_size: int, micro_batch: int, img_size: int, global_batch: int | None = None,
     auto_augment: str | None = "rand-m7-mstd0.5-inc1", aug_repeats: int = 0,
     scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
     interpolation: str = "bicubic", workers: int = 2, seed: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
@@ -301,7 +306,10 @@ def build_train_loader(
     stream = TrainStream(source, transform, rank=rank, world_size=world_size, workers=workers,
                          micro_batch=micro_batch, seed=seed, repeats=int(aug_repeats), shuffle_buffer=shuffle_buffer)
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return TrainLoader(stream, _make_dataloader(stream, workers, pin, prefetch))
+    loader = TrainLoader(stream, _make_dataloader(stream, workers, pin, prefetch))
+    loader.accumulation = (global_batch or world_size * micro_batch) // (world_size * micro_batch)
+    loader.workers = workers
+    return loader
 
 
 def build_eval_loader(

@@ -102,3 +102,67 @@ def probe_micro_batch(
         model.train(was_training)
     raise ConfigError(f"even micro_batch={candidates[-1]} does not fit in GPU memory at img_size={img_size}; "
                       "use a smaller model or image size")
+
+
+def saved_activation_bytes(model: nn.Module, *, img_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
+                           channels_last: bool, batch: int = 2) -> int:
+    """Bytes autograd keeps for the backward pass of one image, measured on a small batch.
+
+    Counted exactly with saved-tensor hooks (each storage once), so the estimate follows the model, the
+    resolution and the precision. Weights, BN statistics and RNG are left as they were.
+    """
+    device = next(model.parameters()).device
+    saved = copy.deepcopy(model.state_dict())
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = torch.zeros(batch, 3, img_size, img_size, device=device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                model(x)
+    finally:
+        model.load_state_dict(saved)
+        model.train(was_training)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(size for ptr, size in storages.items() if ptr not in params)
+    return max(1, activations // batch)
+
+
+def host_memory_budget(local_processes: int, fraction: float = 0.5) -> tuple[int, str]:
+    """Bytes of host memory one training process may plan for: a share of what is free now.
+
+    The cgroup limit (containers, SLURM jobs) counts when it is tighter than the machine's free memory.
+    """
+    import psutil
+
+    available = psutil.virtual_memory().available
+    source = "free RAM"
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit_text = open(limit_file).read().strip()  # noqa: SIM115 - tiny sysfs read
+            usage = int(open(usage_file).read().strip())  # noqa: SIM115
+        except (OSError, ValueError):
+            continue
+        if limit_text.isdigit() and int(limit_text) - usage < available:
+            available, source = max(0, int(limit_text) - usage), "cgroup memory limit"
+        break
+    return int(available * fraction / max(1, local_processes)), source
+
+
+def cpu_micro_batch(candidates: list[int], per_image: int, model_bytes: int, budget: int) -> int:
+    """Largest candidate whose activations (+50 % for the backward's working buffers) and model state fit."""
+    for batch in candidates:  # largest first
+        if batch * per_image * 3 // 2 + model_bytes <= budget:
+            return batch
+    return candidates[-1]

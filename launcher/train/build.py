@@ -17,6 +17,8 @@ from accelerate.utils import DistributedType
 
 from launcher.config import ConfigError, TrainConfig, mixing_enabled
 from launcher.train import batching
+from launcher.train.hardware import default_workers, local_processes
+from launcher.train.state import Shape
 
 log = logging.getLogger("launcher.train.loop")
 
@@ -41,6 +43,29 @@ class RunParts:
     data_kind: str
     train_samples: int
     val_samples: int
+    shape: Shape
+    workers: int
+    choices: dict[str, str]  # why each hardware-dependent number is what it is (start block)
+    deepspeed: bool = False
+    save_deepspeed: Any = None  # (folder, step) -> name of the step's DeepSpeed folder
+    load_deepspeed: Any = None  # (name) -> None
+
+    def gather_loader_stats(self) -> dict[str, Any]:
+        """Skipped data of every rank's loaders, merged (collective: every rank calls it)."""
+        stats = [self.train_loader.stats.as_dict(), *(loader.stats.as_dict() for loader in self.eval_loaders.values())]
+        merged: dict[str, Any] = {"skipped": 0, "by_source": {}, "reasons": []}
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        gathered: list[Any] = [stats]
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, stats)
+        for rank_stats in gathered:
+            for one in rank_stats:
+                merged["skipped"] += one["skipped"]
+                for source, count in one["by_source"].items():
+                    merged["by_source"][source] = merged["by_source"].get(source, 0) + count
+                merged["reasons"] += [r for r in one["reasons"] if r not in merged["reasons"]][: 20 - len(merged["reasons"])]
+        return merged
 
 
 def _open_data(cfg: TrainConfig) -> Any:
@@ -52,21 +77,34 @@ def _open_data(cfg: TrainConfig) -> Any:
         raise ConfigError(f"data={cfg.data!r}: {exc}") from None
 
 
-def _micro_batch(cfg: TrainConfig, model: torch.nn.Module, accelerator: Accelerator, num_classes: int) -> int:
+def _micro_batch(cfg: TrainConfig, model: torch.nn.Module, accelerator: Accelerator,
+                 num_classes: int) -> tuple[int, str]:
+    """The micro-batch and why: given, probed on CUDA, or what fits the host memory budget on CPU.
+
+    Either way the largest that fits, so there is no accumulation when the per-process batch fits.
+    """
     world, even = accelerator.num_processes, mixing_enabled(cfg)
     if cfg.micro_batch:
-        return cfg.micro_batch
-    if accelerator.device.type != "cuda":
-        return batching.default_cpu_micro_batch(cfg.global_batch, world, even=even)
+        return cfg.micro_batch, "given"
     candidates = batching.micro_batch_candidates(cfg.global_batch, world, even=even, limit=batching.MAX_PROBE_BATCH)
-    found = batching.probe_micro_batch(model, candidates, img_size=cfg.img_size, num_classes=num_classes,
-                                       device=accelerator.device, autocast=accelerator.autocast,
-                                       channels_last=cfg.channels_last)
-    if world > 1:  # the smallest device decides, so every rank accumulates the same number of steps
+    if accelerator.device.type != "cuda":
+        per_image = batching.saved_activation_bytes(model, img_size=cfg.img_size, autocast=accelerator.autocast,
+                                                    channels_last=cfg.channels_last)
+        model_bytes = 4 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights, grads, 2 moments
+        budget, source = batching.host_memory_budget(local_processes())
+        found = batching.cpu_micro_batch(candidates, per_image, model_bytes, budget)
+        why = (f"largest that fits {budget / 2**30:.1f} GiB ({source} share; "
+               f"{per_image / 2**20:.1f} MiB of activations per image)")
+    else:
+        found = batching.probe_micro_batch(model, candidates, img_size=cfg.img_size, num_classes=num_classes,
+                                           device=accelerator.device, autocast=accelerator.autocast,
+                                           channels_last=cfg.channels_last)
+        why = "largest that fits in GPU memory (probed)"
+    if world > 1:  # the smallest process decides, so every rank accumulates the same number of steps
         value = torch.tensor([found], device=accelerator.device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
         found = int(value.item())
-    return found
+    return found, why
 
 
 def _class_weights(cfg: TrainConfig, ds: Any, num_classes: int) -> torch.Tensor | None:
@@ -102,19 +140,20 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    micro = _micro_batch(cfg, model, accelerator, num_classes)
+    micro, micro_why = _micro_batch(cfg, model, accelerator, num_classes)
+    workers, workers_why = (cfg.workers, "given") if cfg.workers is not None else default_workers(device.type)
     accumulation = batching.accumulation_steps(cfg.global_batch, world, micro)
     if mixing_enabled(cfg) and micro % 2:
         raise ConfigError(f"micro_batch={micro} must be even when mixup/cutmix is on")
     accelerator.gradient_accumulation_steps = accumulation
 
     loader_kwargs: dict[str, Any] = dict(
-        rank=rank, world_size=world, micro_batch=micro, img_size=cfg.img_size, auto_augment=cfg.auto_augment,
+        rank=rank, world_size=world, global_batch=cfg.global_batch, micro_batch=micro, img_size=cfg.img_size, auto_augment=cfg.auto_augment,
         aug_repeats=cfg.aug_repeats, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-        interpolation=cfg.interpolation, workers=cfg.workers, seed=cfg.seed, split=cfg.train_split,
+        interpolation=cfg.interpolation, workers=workers, seed=cfg.seed, split=cfg.train_split,
         pin_memory=cfg.pin_memory and device.type == "cuda")
     train_loader = build_train_loader(ds, **loader_kwargs)
-    updates = len(train_loader) // accumulation
+    updates = train_loader.updates_per_epoch
     if cfg.limit_train_batches:
         updates = min(updates, cfg.limit_train_batches)
     train_samples = ds.num_samples(cfg.train_split)
@@ -133,7 +172,7 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
         for tag, size in sizes:
             eval_loaders[tag] = build_eval_loader(ds, rank=rank, world_size=world, batch_size=eval_batch,
                                                   img_size=size, crop_pct=cfg.crop_pct,
-                                                  interpolation=cfg.interpolation, workers=cfg.workers,
+                                                  interpolation=cfg.interpolation, workers=workers,
                                                   split=cfg.val_split)
 
     lr = cfg.resolved_lr()
@@ -165,13 +204,16 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
         ds_config["train_batch_size"] = cfg.global_batch
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    config_dict = dict(cfg.to_dict(), num_classes=num_classes, micro_batch=micro)
+    config_dict = dict(cfg.to_dict(), num_classes=num_classes, micro_batch=micro, workers=workers)
+    choices = {"micro_batch": micro_why, "workers": workers_why}
     return RunParts(model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                     batch_transform=batch_transform, ema=ema, train_loader=train_loader,
                     eval_loaders=eval_loaders, micro_batch=micro, accumulation=accumulation,
                     updates_per_epoch=updates, lr=lr, num_classes=num_classes, classes=list(ds.classes),
                     config_dict=config_dict, data_kind=str(getattr(ds, "kind", "?")),
-                    train_samples=train_samples, val_samples=val_samples)
+                    train_samples=train_samples, val_samples=val_samples,
+                    shape=Shape(world, micro, accumulation), workers=getattr(train_loader, "workers", workers),
+                    choices=choices)
 
 
 def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, precision: str, output: Path,
@@ -194,18 +236,20 @@ def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, 
         f"resnet-launcher train: recipe {cfg.recipe}, {cfg.model} ({info['params'] / 1e6:.1f}M params, "
         f"{info['trainable_params'] / 1e6:.1f}M trainable), {parts.num_classes} classes",
         f"  data        {cfg.data} ({parts.data_kind}): {parts.train_samples} train / {parts.val_samples} "
-        f"validation images, {cfg.workers} workers per process",
+        f"validation images; {parts.workers} loader workers per process ({parts.choices['workers']})",
         f"  hardware    {accelerator.device.type} x {world} process(es) ({backend}); precision {precision}, "
         f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}",
         f"  batch       global {cfg.global_batch} = micro {parts.micro_batch} x accumulation "
-        f"{parts.accumulation} x world {world}"
-        + (" (micro-batch probed)" if not cfg.micro_batch and accelerator.device.type == "cuda" else ""),
-        f"  schedule    {cfg.epochs} epochs x {parts.updates_per_epoch} updates = {total_updates} updates; "
+        f"{parts.accumulation} x world {world}; micro-batch {parts.choices['micro_batch']}",
+        f"  schedule    {cfg.epochs} epochs x {parts.updates_per_epoch} updates (ceil({parts.train_samples} / "
+        f"{cfg.global_batch}): every image at least once per epoch) = {total_updates} updates; "
         f"warmup {cfg.warmup_epochs} epochs from {cfg.warmup_lr:g}, cosine to {cfg.min_lr:g}, stepped {sched}",
         f"  lr          {parts.lr:.4g} ({cfg.lr_rule()})",
         f"  optimizer   {cfg.opt}, weight decay {cfg.weight_decay:g} (none on BN/bias); loss {cfg.loss}{thresh}, "
         f"smoothing {cfg.smoothing:g}; {mix}; drop-path {cfg.drop_path:g}; EMA {'on' if cfg.model_ema else 'off'}",
         f"  augment     {cfg.img_size}px, RandAugment {cfg.auto_augment or 'off'}, repeats {cfg.aug_repeats}; "
         f"eval {evals} (crop {cfg.crop_pct:g}, {cfg.interpolation})",
+        "  checkpoints every epoch" + (f" and every {cfg.checkpoint_every} steps" if cfg.checkpoint_every else "")
+        + f", written in the background; keeps {cfg.keep_checkpoints} step files + last.pt + best.pt",
         f"  output      {output}" + (f"; resumed from {resumed_from} at step {step}" if resumed_from else ""),
     ]

@@ -1,10 +1,13 @@
-"""The training loop on Accelerate: one recipe, any hardware, exact resume.
+"""The training loop on Accelerate: one recipe, any hardware, exact resume, no host-device sync per step.
 
 ``train(cfg)`` runs in every process that ``accelerate launch`` / ``torchrun`` / ``python`` started.
-The global batch is the contract: the micro-batch (given, or probed on CUDA) and the accumulation
-steps adapt to the hardware, never the optimization. Gradients are only synchronized on the last
-micro-step of an update (``accelerator.accumulate``). Side effects (files, trackers, progress bars)
-happen on the main process only.
+The global batch is the contract: the micro-batch and the accumulation steps adapt to the hardware, never
+the optimization, and the data plan makes global batch *i* the same samples with the same augmentation on
+any shape. An optimizer step (:meth:`Trainer.train_step`) never waits for the device: the loss stays on the
+device and is read every ``log_every`` steps, where the NaN check happens too; preemption votes travel on a
+CPU group one step behind (:mod:`launcher.train.preemption`); the next micro-batch is copied while this one
+computes (:mod:`launcher.train.prefetch`); checkpoints are written by a background thread
+(:mod:`launcher.train.checkpoints`). Side effects (files, trackers, progress bars) happen on the main process.
 """
 
 from __future__ import annotations
@@ -18,39 +21,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from launcher.config import TrainConfig, save_config, validate
-from launcher.train.build import RunParts, build_parts, startup_report
+from launcher.train.build import build_parts, startup_report
+from launcher.train.checkpoints import CheckpointWriter
 from launcher.train.precision import configure_backends, resolve_device, resolve_precision
 from launcher.train.preemption import (
     PREEMPTED_EXIT_CODE,
     Preempted,
     PreemptionFlag,
     clear_marker,
+    control_group,
     write_marker,
 )
+from launcher.train.prefetch import DevicePrefetcher
 from launcher.train.state import (
-    CheckpointDir,
     Progress,
-    load_checkpoint,
-    model_state_dict,
+    best_weights,
     restore,
-    resumable_state,
+    saved_shape,
     seed_everything,
+    seed_micro_batch,
+    snapshot,
 )
 from launcher.train.tracking import (
     CURVES_FILE,
     SUMMARY_FILE,
     MetricsLog,
+    close_file_logging,
     drop_metrics_after,
     init_trackers,
     plot_curves,
+    setup_logging,
     write_json,
 )
+from launcher.train.validation import evaluate
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "train", "evaluate"]
 
@@ -67,57 +75,14 @@ def default_output(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     return Path("runs") / name[0]
 
 
-def _setup_logging(output: Path, main: bool) -> None:
-    logger = logging.getLogger("launcher")
-    logger.setLevel(logging.INFO if main else logging.WARNING)
-    if not any(getattr(h, "_launcher", False) for h in logger.handlers):
-        console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("%(message)s"))
-        console._launcher = True  # type: ignore[attr-defined]
-        logger.addHandler(console)
-        logger.propagate = False
-    if main:
-        to_file = logging.FileHandler(output / "train.log")
-        to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        to_file._launcher = True  # type: ignore[attr-defined]
-        logger.addHandler(to_file)
+@dataclasses.dataclass
+class Window:
+    """Training numbers since the last log line; the loss is a device tensor until then."""
 
-
-def _close_file_logging() -> None:
-    logger = logging.getLogger("launcher")
-    for handler in list(logger.handlers):
-        if isinstance(handler, logging.FileHandler):
-            handler.close()
-            logger.removeHandler(handler)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, parts: RunParts, accelerator: Accelerator,
-             limit: int = 0) -> dict[str, float]:
-    """Plain cross-entropy loss, top-1 and top-5 (%) over the whole split, summed exactly across ranks."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
-    with torch.random.fork_rng(devices=[]):  # evaluating must not move the training RNG (exact resume)
-        batches = iter(loader)
-    for index, (images, labels) in enumerate(batches):
-        if limit and index >= limit:
-            break
-        images = images.to(accelerator.device, non_blocking=True)
-        labels = labels.to(accelerator.device, non_blocking=True)
-        with accelerator.autocast():
-            logits = model(parts.batch_transform.eval(images))
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             top[:, 0].sum().double(), top.any(dim=1).sum().double(),
-                             torch.tensor(len(labels), dtype=torch.float64, device=sums.device)])
-    if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(sums)  # one collective: ranks may hold different numbers of batches
-    model.train(was_training)
-    n = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
-            "samples": int(sums[3].item())}
+    loss: torch.Tensor
+    data_wait_at_start: float  # the prefetcher's running total of host time spent waiting for data
+    steps: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 class Trainer:
@@ -130,75 +95,73 @@ class Trainer:
         if self.main:
             (self.output / "checkpoints").mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
-        _setup_logging(self.output, self.main)
-        self.ckpt = CheckpointDir(self.output / "checkpoints", cfg.keep_checkpoints)
+        setup_logging(self.output, self.main)
+        self.ckpt = CheckpointWriter(self.output / "checkpoints", cfg.keep_checkpoints)
         self.progress = Progress()
         self.parts = build_parts(cfg, accelerator)
         self.model = self.parts.model
         self.metrics = MetricsLog(self.output, accelerator, self.main, cfg.report_to != "none")
         self.stop_reason = ""
+        self.resumed_from: Path | None = None
 
     # --- setup --------------------------------------------------------------------------------------
     def start(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        resume_path = self.ckpt.resolve_resume(cfg.resume)
-        resumed_from = None
-        if resume_path is not None:
-            state = load_checkpoint(resume_path)
-            self.progress = restore(state, self.parts, acc)
-            resumed_from = resume_path
+        path, state = self.ckpt.resolve_resume(cfg.resume)
+        notes = []
+        if state is not None:
+            self.progress = restore(state, self.parts, acc, load_deepspeed=self.parts.load_deepspeed)
+            self.resumed_from = path
+            old = saved_shape(state)
+            if old != self.parts.shape:
+                notes.append(f"resume: shape changed from {old} to {self.parts.shape}: the same global batches "
+                             "continue; losses equal up to float reassociation and BatchNorm micro-batch statistics")
         else:
             seed_everything(cfg.seed + acc.process_index)
         if self.main:
             save_config(dataclasses.replace(cfg, output=str(self.output)), self.output / "config.yaml")
             clear_marker(self.output)
-            if resumed_from:
+            if self.resumed_from:
                 drop_metrics_after(self.metrics.path, self.progress.step)
         run_id = init_trackers(acc, cfg.report_to, project=cfg.project, name=self.output.name,
                                output=self.output, config=cfg.to_dict(), wandb_id=self.progress.wandb_id)
         self.progress.wandb_id = run_id or self.progress.wandb_id
-        for line in startup_report(cfg, self.parts, acc, self.precision, self.output, resumed_from,
-                                   self.progress.step):
+        for line in startup_report(cfg, self.parts, acc, self.precision, self.output, self.resumed_from,
+                                   self.progress.step) + notes:
             log.info(line)
 
     # --- checkpoints --------------------------------------------------------------------------------
     def save(self) -> None:
-        state = resumable_state(self.parts, self.accelerator, dataclasses.asdict(self.progress), self.output)
+        """Snapshot the state (collective) and hand it to the writer thread; the disk is not waited for."""
+        ds_dir = self.parts.save_deepspeed(self.ckpt.folder, self.progress.step) if self.parts.deepspeed else None
+        state = snapshot(self.parts, self.accelerator, self.progress, deepspeed_dir=ds_dir)
         if self.main:
             path = self.ckpt.save_resumable(state, self.progress.step)
-            log.info("checkpoint: step %d -> %s", self.progress.step, path)
-        self.accelerator.wait_for_everyone()
+            log.info("checkpoint: step %d -> %s%s", self.progress.step, path,
+                     " (writing in the background)" if self.ckpt.background else "")
 
-    def save_best(self, metrics: dict[str, float]) -> None:
-        if not self.main:
-            return
-        source = self.parts.ema.module if self.parts.ema is not None else self.model
-        self.ckpt.save_best({"model": model_state_dict(source), "config": self.parts.config_dict,
-                             "classes": self.parts.classes, "epoch": self.progress.epoch,
-                             "step": self.progress.step, "metrics": metrics, "ema": self.parts.ema is not None})
-
-    # --- evaluation ---------------------------------------------------------------------------------
     def run_eval(self) -> dict[str, float] | None:
         if not self.parts.eval_loaders:
             return None
-        acc, cfg = self.accelerator, self.cfg
+        acc, cfg, parts = self.accelerator, self.cfg, self.parts
         unwrapped = acc.unwrap_model(self.model)
         results: dict[str, dict[str, float]] = {}
-        for tag, loader in self.parts.eval_loaders.items():
-            results[tag] = evaluate(unwrapped, loader, self.parts, acc, cfg.limit_eval_batches)
-            if self.parts.ema is not None:
-                results[f"{tag}_ema"] = evaluate(self.parts.ema.module, loader, self.parts, acc,
+        for tag, loader in parts.eval_loaders.items():
+            results[tag] = evaluate(unwrapped, loader, parts.batch_transform, acc, cfg.limit_eval_batches)
+            if parts.ema is not None:
+                results[f"{tag}_ema"] = evaluate(parts.ema.module, loader, parts.batch_transform, acc,
                                                  cfg.limit_eval_batches)
         for tag, values in results.items():
             self.metrics.write("eval", self.progress.step, epoch=self.progress.epoch, tag=tag, **values)
             log.info("eval %-10s step %d: loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d images)", tag,
                      self.progress.step, values["loss"], values["top1"], values["top5"], values["samples"])
-        ranked = results["val_ema"] if self.parts.ema is not None else results["val"]
+        ranked = results["val_ema"] if parts.ema is not None else results["val"]
         self.progress.final = {tag: dict(values) for tag, values in results.items()}
         if ranked["top1"] > self.progress.best_top1:
             self.progress.best_top1, self.progress.best_step = ranked["top1"], self.progress.step
             self.progress.evals_since_best = 0
-            self.save_best(ranked)
+            if self.main:
+                self.ckpt.save_best(best_weights(parts, self.progress, ranked))
         else:
             self.progress.evals_since_best += 1
         if cfg.early_stop_patience and self.progress.evals_since_best >= cfg.early_stop_patience:
@@ -206,67 +169,78 @@ class Trainer:
         return ranked
 
     # --- training -----------------------------------------------------------------------------------
+    def train_step(self, batches: Any, window: Window) -> None:
+        """One optimizer update over this rank's micro-batches of the current global batch. No host sync."""
+        acc, parts, prog = self.accelerator, self.parts, self.progress
+        first_micro = acc.process_index * parts.accumulation
+        for k in range(parts.accumulation):
+            images, labels = next(batches)
+            seed_micro_batch(self.cfg.seed, prog.epoch, prog.update, first_micro + k)
+            with acc.accumulate(self.model):
+                inputs, targets = parts.batch_transform.train(images, labels)
+                loss = parts.loss_fn(self.model(inputs).float(), targets)
+                acc.backward(loss)
+                if self.cfg.clip_grad and acc.sync_gradients:
+                    acc.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+                parts.optimizer.step()
+                parts.optimizer.zero_grad(set_to_none=True)
+            window.loss += loss.detach() / parts.accumulation
+        prog.update += 1
+        prog.step += 1
+        window.steps += 1
+        if self.cfg.sched_on_updates:
+            parts.scheduler.step_update(prog.step)
+        if parts.ema is not None:
+            parts.ema.update(acc.unwrap_model(self.model), step=prog.step)
+
+    def log_window(self, window: Window, prefetcher: DevicePrefetcher, bar: Any) -> Window:
+        """The one place per ``log_every`` steps where the host reads device values."""
+        cfg, prog, parts = self.cfg, self.progress, self.parts
+        elapsed = time.perf_counter() - window.start
+        data_seconds = prefetcher.wait_seconds - window.data_wait_at_start
+        loss_value = self.accelerator.reduce(window.loss / window.steps, "mean").item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"training loss is {loss_value} at step {prog.step}; lower --lr, or try --precision fp32 / "
+                "--no-channels-last (CPU bf16 kernels have produced NaN at tiny image sizes)")
+        images_done = window.steps * cfg.global_batch
+        prog.train_images += images_done
+        prog.train_seconds += elapsed
+        prog.data_seconds += data_seconds
+        lr = parts.optimizer.param_groups[0]["lr"]
+        self.metrics.write("train", prog.step, epoch=prog.epoch + prog.update / parts.updates_per_epoch,
+                           loss=loss_value, lr=lr, img_per_s=images_done / elapsed, data_s=data_seconds,
+                           compute_s=elapsed - data_seconds)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_done / elapsed:.0f}")
+        if self.main:
+            self.ckpt.check()  # a failed background write stops the run here, not at the end
+        return Window(loss=window.loss.zero_(), data_wait_at_start=prefetcher.wait_seconds)
+
     def train_epoch(self, flag: PreemptionFlag) -> bool:
         """One epoch from ``progress.update``; False when the run must stop (steps limit, early stop)."""
         cfg, acc, parts, prog = self.cfg, self.accelerator, self.parts, self.progress
-        loader, accum, device = parts.train_loader, parts.accumulation, acc.device
+        loader = parts.train_loader
         loader.set_epoch(prog.epoch)
-        loader.set_start(prog.update * accum)
+        loader.set_start(prog.update)
         if not cfg.sched_on_updates:
             parts.scheduler.step(prog.epoch)
         self.model.train()
         with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
-            batches = iter(loader)
+            prefetcher = DevicePrefetcher(iter(loader), acc.device)
+        batches = iter(prefetcher)
         bar = tqdm(total=parts.updates_per_epoch, initial=prog.update, disable=not (self.main and cfg.progress),
                    desc=f"epoch {prog.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
-        window_loss = torch.zeros((), device=device)
-        window_steps, window_data, window_start = 0, 0.0, time.perf_counter()
+        window = Window(loss=torch.zeros((), device=acc.device), data_wait_at_start=0.0)
         while prog.update < parts.updates_per_epoch:
-            for _ in range(accum):
-                wait = time.perf_counter()
-                images, labels = next(batches)
-                window_data += time.perf_counter() - wait
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                with acc.accumulate(self.model):
-                    inputs, targets = parts.batch_transform.train(images, labels)
-                    loss = parts.loss_fn(self.model(inputs).float(), targets)
-                    acc.backward(loss)
-                    if cfg.clip_grad and acc.sync_gradients:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                    parts.optimizer.step()
-                    parts.optimizer.zero_grad(set_to_none=True)
-                window_loss += loss.detach() / accum
-            prog.update += 1
-            prog.step += 1
-            window_steps += 1
-            if cfg.sched_on_updates:
-                parts.scheduler.step_update(prog.step)
-            if parts.ema is not None:
-                parts.ema.update(acc.unwrap_model(self.model), step=prog.step)
+            self.train_step(batches, window)
+            flag.start_agreement()
             bar.update(1)
-            if prog.step % cfg.log_every == 0 or prog.update == parts.updates_per_epoch:
-                elapsed = time.perf_counter() - window_start
-                loss_value = acc.reduce(window_loss / window_steps, "mean").item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"training loss is {loss_value} at step {prog.step}; lower --lr, or try --precision fp32 / "
-                        "--no-channels-last (CPU bf16 kernels have produced NaN at tiny image sizes)")
-                images_done = window_steps * cfg.global_batch
-                prog.train_images += images_done
-                prog.train_seconds += elapsed
-                prog.data_seconds += window_data
-                lr = parts.optimizer.param_groups[0]["lr"]
-                self.metrics.write("train", prog.step, epoch=prog.epoch + prog.update / parts.updates_per_epoch,
-                                   loss=loss_value, lr=lr, img_per_s=images_done / elapsed,
-                                   data_s=window_data, compute_s=elapsed - window_data)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_done / elapsed:.0f}")
-                window_loss.zero_()
-                window_steps, window_data, window_start = 0, 0.0, time.perf_counter()
             epoch_done = prog.update == parts.updates_per_epoch
+            if prog.step % cfg.log_every == 0 or epoch_done:
+                window = self.log_window(window, prefetcher, bar)
             if epoch_done:
                 break
-            if flag.agreed(device, acc.num_processes > 1):
+            if flag.agreed():
                 bar.close()
                 self.preempt(flag)
             if cfg.eval_every_steps and prog.step % cfg.eval_every_steps == 0:
@@ -275,11 +249,13 @@ class Trainer:
                 self.save()
             if self.steps_limit_reached() or self.stop_reason:
                 bar.close()
+                flag.drain()
                 return False
         bar.close()
         del batches
+        signalled = flag.drain()
         self.end_epoch()
-        if flag.agreed(device, acc.num_processes > 1):
+        if signalled:
             self.preempt(flag)
         self.steps_limit_reached()
         return not self.stop_reason
@@ -305,18 +281,21 @@ class Trainer:
         self.save()
 
     def preempt(self, flag: PreemptionFlag) -> None:
+        flag.drain()
         self.save()
         if self.main:
+            self.ckpt.wait()  # the marker says "a checkpoint is there": only once it is durable
             write_marker(self.output, step=self.progress.step, epoch=self.progress.epoch,
                          signal_name=flag.signal_name)
         log.warning("preempted by %s at step %d: checkpoint written, exiting with code %d",
                     flag.signal_name or "a signal on another rank", self.progress.step, PREEMPTED_EXIT_CODE)
+        self.accelerator.wait_for_everyone()
         raise Preempted(f"stopped at step {self.progress.step}; resume with --resume auto")
 
     def run(self) -> dict[str, Any]:
         wall_start = time.time()
         self.start()
-        with PreemptionFlag() as flag:
+        with PreemptionFlag(control_group()) as flag:
             while self.progress.epoch < self.cfg.epochs:
                 if not self.train_epoch(flag):
                     break
@@ -325,24 +304,29 @@ class Trainer:
             if self.progress.update:  # stopped mid-epoch: evaluate and checkpoint where we are
                 self.run_eval()
                 self.save()
+        if self.main:
+            self.ckpt.wait()
         return self.finish(time.time() - wall_start)
 
     def finish(self, wall_s: float) -> dict[str, Any]:
         prog, cfg, parts = self.progress, self.cfg, self.parts
         final = prog.final.get("val", {})
+        skipped = parts.gather_loader_stats()
         summary = {
             "best_top1": prog.best_top1 if prog.best_top1 >= 0 else None,
             "best_step": prog.best_step,
             "final_top1": final.get("top1"), "final_top5": final.get("top5"), "final_loss": final.get("loss"),
             "evaluations": prog.final,
             "epochs": cfg.epochs, "epochs_done": prog.epoch + prog.update / max(parts.updates_per_epoch, 1),
-            "steps": prog.step, "global_batch": cfg.global_batch, "micro_batch": parts.micro_batch,
-            "accumulation": parts.accumulation, "world_size": self.accelerator.num_processes,
+            "steps": prog.step, "updates_per_epoch": parts.updates_per_epoch, "global_batch": cfg.global_batch,
+            "micro_batch": parts.micro_batch, "accumulation": parts.accumulation,
+            "world_size": self.accelerator.num_processes, "workers": parts.workers,
             "lr": parts.lr, "img_per_s": prog.train_images / prog.train_seconds if prog.train_seconds else None,
             "data_wait_fraction": prog.data_seconds / prog.train_seconds if prog.train_seconds else None,
             "wall_s": wall_s, "train_s": prog.train_seconds, "model": cfg.model, "recipe": cfg.recipe,
             "img_size": cfg.img_size, "num_classes": parts.num_classes, "precision": self.precision,
             "device": str(self.accelerator.device), "stop_reason": self.stop_reason or "completed",
+            "skipped_data": skipped, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "output": str(self.output),
         }
         if self.main:
@@ -377,9 +361,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.project_configuration.set_directories(str(trainer.output))
         return trainer.run()
     finally:
-        if trainer is not None and cfg.report_to != "none":
-            accelerator.end_training()
-        _close_file_logging()
+        if trainer is not None:
+            trainer.ckpt.wait_quietly()
+            if cfg.report_to != "none":
+                accelerator.end_training()
+        close_file_logging()
         _reset_accelerate_state()
 
 
@@ -392,4 +378,3 @@ def _reset_accelerate_state() -> None:
     else:
         AcceleratorState._reset_state()
     GradientState._reset_state()
-

@@ -83,6 +83,31 @@ def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in config.items()}
 
 
+def setup_logging(output: Path, main: bool) -> None:
+    """Messages to the console (all ranks: warnings; main: info) and, on the main process, to train.log."""
+    logger = logging.getLogger("launcher")
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+    if not any(getattr(h, "_launcher", False) for h in logger.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console._launcher = True  # type: ignore[attr-defined]
+        logger.addHandler(console)
+        logger.propagate = False
+    if main:
+        to_file = logging.FileHandler(output / "train.log")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        to_file._launcher = True  # type: ignore[attr-defined]
+        logger.addHandler(to_file)
+
+
+def close_file_logging() -> None:
+    logger = logging.getLogger("launcher")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            logger.removeHandler(handler)
+
+
 class MetricsLog:
     """Appends JSON lines to metrics.jsonl and forwards numbers to the trackers (main process only)."""
 
