@@ -155,6 +155,24 @@ def test_undecodable_sample_is_replaced_the_same_way_on_every_shape(tmp_path, mo
     assert all(batches[b][q] == intact[b][q] for b, q in others)  # nothing else moved
 
 
+def test_unreadable_or_undecodable_data_everywhere_is_a_clear_error(tmp_path):
+    root = write_shards(tmp_path / "cut", [6, 6], num_classes=2)
+    for shard in root.glob("*.tar"):  # a valid first header, then nothing
+        shard.write_bytes(shard.read_bytes()[:1024])
+    loader = build_train_loader(open_dataset(str(root)), rank=0, world_size=1, micro_batch=4, workers=0, **PLAIN)
+    with pytest.raises(RuntimeError, match="no readable samples left in split 'train'"):
+        list(loader)
+    root = write_shards(tmp_path / "junk", [6, 6], num_classes=2)
+    for shard in root.glob("*.tar"):
+        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+        with wds.TarWriter(str(shard)) as writer:
+            for sample in samples:
+                writer.write({"__key__": sample["__key__"], "png": b"not an image", "cls": sample["cls"]})
+    loader = build_train_loader(open_dataset(str(root)), rank=0, world_size=1, micro_batch=4, workers=0, **PLAIN)
+    with pytest.raises(RuntimeError, match="1000 undecodable samples in a row"):
+        list(loader)
+
+
 def test_equal_batch_counts_with_uneven_shards_fewer_shards_than_readers_and_a_truncated_one(tmp_path):
     root = write_shards(tmp_path, [97, 2, 23, 30], num_classes=4)  # 4 shards, 16 readers
     shard = root / "toy-train-000003.tar"

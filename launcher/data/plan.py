@@ -25,11 +25,12 @@ Virtual readers (the stand-in for physical readers, like Mosaic Streaming's cano
     Slot ``q`` of every global batch belongs to reader ``v = q // C``. Reader ``v`` reads epoch
     positions ``[v U C, (v+1) U C)`` of the rotated stream sequentially (tars are streamed, never
     accessed per sample), passes them through its own shuffle buffer (``shuffle_buffer`` raw samples,
-    a function of ``G`` only, seeded from ``(seed, epoch, v)``) and sends its ``k``-th output to global
-    batch ``k // C``, slot ``v C + k % C``. A global batch thus holds ``C`` samples from each of ``V``
-    strata of the stream. Sample ``q`` of batch ``i`` is augmented with seed
-    ``mix_seed(seed, epoch, i, q)``, whoever decodes it. (An odd ``G`` with a large prime factor gives
-    few readers, e.g. ``G = 257`` gives one: correct, but the shuffle is then one buffer's worth.)
+    a function of ``G`` only, seeded from ``(seed, epoch, v)``; none for a folder source, whose units are
+    single images and already permuted) and sends its ``k``-th output to global batch ``k // C``, slot
+    ``v C + k % C``. A global batch thus holds ``C`` samples from each of ``V`` strata of the stream.
+    Sample ``q`` of batch ``i`` is augmented with seed ``mix_seed(seed, epoch, i, q)``, whoever decodes
+    it. (A ``G`` with a large prime factor gives few readers, e.g. ``G = 257`` gives one: correct, but
+    the epoch is then one stream through one shuffle buffer.)
 
 Repeated augmentation (``R = aug_repeats > 1``, RSB A1/A2 use 3)
     Only the first ``S = ceil(V / R)`` readers are *sources* with their own range; reader ``v`` replays
@@ -51,7 +52,9 @@ Physical layout (:func:`rank_slots`, :func:`worker_slots`)
     Rank ``r`` of ``w`` owns slots ``[r G / w, (r+1) G / w)``; its loader workers each own a contiguous
     sub-block of those slots. A worker reads every source overlapping its slots (a reader shared by two
     workers is read by both, each decoding only its own slots): with streamed remote shards that is
-    extra network reading, never extra decoding.
+    extra network reading, never extra decoding. A reader whose range starts inside a shard seeks over
+    the samples before it (tar headers only) in a local file; a streamed one (``pipe:``, http) is read
+    from its start, which costs at most one shard's worth of extra reading per reader and epoch.
 
 Evaluation (:func:`eval_plan`)
     With known counts, rank r reads samples ``[r N / world, (r+1) N / world)`` of the natural order
