@@ -1,16 +1,19 @@
 """Write small shard folders in the shardify format (CONTRACTS §1) with exact control over shard sizes.
 
 Images are solid colours that encode the sample index (robust to resizing), so tests can tell which
-sample ended up where after augmentation (with auto_augment=None).
+sample ended up where after augmentation (with auto_augment=None). :func:`global_batches` puts the
+micro-batches of all ranks of a shape (:func:`shape_loaders`) back together, to compare shapes.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -71,3 +74,39 @@ def write_shards(root: Path, train_sizes: list[int], val_sizes: list[int] | None
     (root / "classes.json").write_text(json.dumps(classes))
     (root / "_info.json").write_text(json.dumps({"splits": splits, "classes": classes}))
     return root
+
+
+def shape_loaders(ds, *, world: int, micro: int, global_batch: int, workers: int, **kwargs) -> list:
+    """One train loader per rank of a shape (world size x micro-batch x workers)."""
+    from launcher.data import build_train_loader
+
+    return [build_train_loader(ds, rank=rank, world_size=world, micro_batch=micro, global_batch=global_batch,
+                               workers=workers, **kwargs) for rank in range(world)]
+
+
+def global_batches(loaders: list, *, epoch: int = 0, start: int = 0,
+                   limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The global batches ``(images, labels)`` the ranks' ``loaders`` see, put together from their micro-batches.
+
+    Checks on the way that every rank yields its full count (``limit`` global batches if given) of
+    micro-batches of its micro-batch size.
+    """
+    per_rank = []
+    for loader in loaders:
+        loader.set_epoch(epoch)
+        loader.set_start(start)
+        count = (loader.updates_per_epoch - start if limit is None else limit) * loader.accumulation
+        micro_batches = [(x.clone(), y.clone()) for x, y in itertools.islice(loader, count)]
+        assert len(micro_batches) == count and all(len(y) == loader.micro_batch for _, y in micro_batches)
+        per_rank.append(micro_batches)
+    accumulation = loaders[0].accumulation
+    batches = []
+    for update in range(len(per_rank[0]) // accumulation):
+        parts = [mb for rank in per_rank for mb in rank[update * accumulation:(update + 1) * accumulation]]
+        batches.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
+    return batches
+
+
+def indices(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[int]]:
+    """The sample index each image of each batch encodes (solid-colour shards, no colour-changing augmentation)."""
+    return [[decode_index(image) for image in images.numpy()] for images, _ in batches]

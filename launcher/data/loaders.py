@@ -1,18 +1,26 @@
 """Train and eval loaders: DataLoader workers that read their planned samples and emit whole uint8 batches.
 
-Each worker batches internally (``batch_size=None`` in the DataLoader), so the main process only
-receives ready ``(images uint8 [B,3,H,W], labels int64 [B])`` tensors allocated in shared memory.
+Training (:class:`TrainLoader`)
+    Rank ``r`` owns a contiguous block of ``G / world`` slots of every global batch
+    (:mod:`launcher.data.plan`); its ``W`` workers each own a contiguous sub-block. Per global batch,
+    each worker sends ONE item: its slots' images (uint8 ``[n, 3, S, S]``, built in shared memory),
+    labels and read events. The DataLoader collects the workers round-robin, i.e. in slot order, so the
+    main process takes ``W`` items, puts the rank's slice together and yields it as
+    ``accumulation = G / (world * micro_batch)`` micro-batches of ``micro_batch`` samples in slot order.
+    The batches are therefore the same for any world size, accumulation and worker count (tested
+    bitwise). ``W = 0`` decodes in the main process (global RNG state preserved).
 
-Determinism: a sample's augmentation is seeded from ``(seed, epoch, stream position)``, the shuffle
-buffer from ``(seed, epoch, rank, world_size, worker)``, so the stream is a pure function of
-``(seed, epoch, rank, world_size, workers, micro_batch)``. ``set_start(k)`` resumes at batch ``k``:
-workers read but do not decode the samples of skipped batches, and the DataLoader's worker ids are
-rotated by ``k % workers`` so that its round-robin collection yields batch ``k`` first.
+    Buffers: without ``pin_memory`` a micro-batch is a view of one worker's shared-memory batch when it
+    lies inside one, else a fresh tensor. With ``pin_memory`` the slice is copied into a ring of three
+    pinned buffers: a yielded micro-batch tensor stays valid until two further global batches have
+    been yielded (copy it to the device before that; the engine does so at once).
 
-Corrupt data: a sample that fails to decode is replaced by another sample of the same batch augmented
-with the failed slot's own seed (batch-local, so resuming stays exact); a short or damaged shard is
-made up for from the worker's spare stream (see :mod:`launcher.data.plan`). Each event is counted in
-``loader.stats`` and logged once, naming the shard.
+    ``set_start(u)`` resumes at global batch ``u``: every reader reads past its first ``u C`` outputs
+    without decoding them, so resuming is exact on any shape.
+
+Corrupt data: an undecodable sample is replaced deterministically (see :mod:`launcher.data.readers`); a
+short or damaged shard is made up for from its reader's spare stream (see :mod:`launcher.data.plan`).
+Each event is counted in ``loader.stats`` once per rank and logged once per shard (or file).
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
-import random
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -29,26 +36,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from launcher.data.plan import TrainPlan, count_batches, eval_plan, mix_seed, shuffle_buffer
-from launcher.data.sources import (
-    Dataset,
-    RawSample,
-    ReadEvent,
-    Split,
-    read_file_sample,
-    read_tar_samples,
-)
-from launcher.data.transforms import (
-    DecodeError,
-    EvalTransform,
-    TrainTransform,
-    preserved_rng_state,
-    seed_everything_for_sample,
-)
+from launcher.data.plan import EpochPlan, eval_plan, rank_slots, worker_slots
+from launcher.data.readers import DECODE_ERRORS, SourceReader, decode_slot, read_segments
+from launcher.data.sources import Dataset, ReadEvent, Split
+from launcher.data.transforms import EvalTransform, TrainTransform, preserved_rng_state
 
 log = logging.getLogger(__name__)
-DEFAULT_SHUFFLE_BUFFER = 1000  # raw JPEGs (~100 KB each): ~100 MB per worker
-_MAX_SPARE_ATTEMPTS = 1000
+PIN_RING = 3  # pinned slice buffers: a yielded micro-batch stays valid for two more global batches
 
 
 @dataclass
@@ -69,19 +63,6 @@ class LoaderStats:
         return {"skipped": self.skipped, "by_source": dict(self.by_source), "reasons": list(self.reasons)}
 
 
-def _read_segments(split: Split, segments, events: list[ReadEvent]) -> Iterator[RawSample]:
-    for segment in segments:
-        if split.is_folder:  # one image per unit
-            unit = segment.unit
-            sample = read_file_sample(split.units[unit], split.labels[unit], split.relpaths[unit],
-                                      segment.position, events)
-            if sample is not None:
-                yield sample
-        else:
-            yield from read_tar_samples(split.units[segment.unit], segment.start, segment.stop, segment.position,
-                                        events)
-
-
 def _worker_identity(workers: int) -> tuple[int, bool]:
     info = get_worker_info()
     if info is None:
@@ -97,76 +78,67 @@ def _new_batch(size: int, shape: tuple[int, ...], shared: bool) -> torch.Tensor:
 
 
 class TrainStream(IterableDataset):
-    """The per-worker sample stream of one rank (used through :class:`TrainLoader`)."""
+    """One rank's slots of every global batch, one item per global batch per worker (see the module docstring)."""
 
-    def __init__(self, split: Split, transform: TrainTransform, *, rank: int, world_size: int, workers: int,
-                 micro_batch: int, seed: int, repeats: int, shuffle_buffer: int) -> None:
+    def __init__(self, split: Split, transform: TrainTransform, *, rank: int, world_size: int, global_batch: int,
+                 workers: int, seed: int, repeats: int) -> None:
         self.split, self.transform = split, transform
-        self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
-        self.micro_batch, self.seed, self.repeats = micro_batch, seed, max(1, repeats)
-        self.buffer = 0 if split.is_folder else shuffle_buffer  # folder units are single samples: already shuffled
+        self.global_batch, self.seed, self.repeats = global_batch, seed, max(1, repeats)
+        self.slots = rank_slots(rank, world_size, global_batch)
+        self.workers = min(workers, len(self.slots))
+        self.worker_slots = worker_slots(self.slots, max(1, self.workers))
         self.state = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, start batch]
 
-    def plan(self, epoch: int) -> TrainPlan:
-        return TrainPlan(self.split.lengths, self.seed, epoch, self.rank, self.world_size, self.workers,
-                         self.micro_batch, self.repeats)
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.split.lengths, self.seed, epoch, self.global_batch, self.repeats)
+
+    def _pieces(self, plan: EpochPlan, slots: range) -> list[tuple[int, int, range]]:
+        """``(reader, source, chunk offsets)`` covering ``slots``, in slot order."""
+        c = plan.chunk
+        pieces = []
+        for reader in range(slots.start // c, (slots.stop - 1) // c + 1):
+            lo, hi = max(slots.start, reader * c), min(slots.stop, (reader + 1) * c)
+            pieces.append((reader, plan.source_of(reader), range(lo - reader * c, hi - reader * c)))
+        return pieces
+
+    def _reporting_sources(self, plan: EpochPlan, worker: int) -> set[int]:
+        """The sources whose read events this worker reports: each once per rank, by its first worker."""
+        first: dict[int, int] = {}
+        for w, slots in enumerate(self.worker_slots):
+            for _, source, _ in self._pieces(plan, slots):
+                first.setdefault(source, w)
+        return {source for source, w in first.items() if w == worker}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[ReadEvent]]]:
-        loader_id, in_worker = _worker_identity(self.workers)
+        worker, in_worker = _worker_identity(max(1, self.workers))
         epoch, start = (int(v) for v in self.state.tolist())
-        worker = (loader_id + start) % self.workers  # rotation: this loader worker yields batch `start` first
         plan = self.plan(epoch)
+        slots = self.worker_slots[worker]
+        pieces = self._pieces(plan, slots)
+        reporting = self._reporting_sources(plan, worker)
+        read_events = {source: [] for _, source, _ in pieces}
+        readers = {source: SourceReader(self.split, plan, source, read_events[source]) for source in read_events}
         events: list[ReadEvent] = []
-        planned = shuffle_buffer(_read_segments(self.split, plan.worker_segments(worker), events), self.buffer,
-                                 random.Random(plan.shuffle_seed(worker)))
-        spares = _read_segments(self.split, plan.spare_segments(worker), events)
-        stream = itertools.chain(planned, spares)
-        skip = count_batches(plan.batches_per_rank, self.workers, worker, 0) - count_batches(
-            plan.batches_per_rank, self.workers, worker, start)
-        for index in range(count_batches(plan.batches_per_rank, self.workers, worker)):
-            raws = list(itertools.islice(stream, self.micro_batch))
-            if len(raws) < self.micro_batch:
-                raise RuntimeError(f"no readable samples left in split {self.split.name!r} (all shards failed?)")
-            if index < skip:
-                continue
-            images, labels = self._make_batch(raws, epoch, spares, events, in_worker)
+        shape = (3, *self.transform.size)
+        for reader in readers.values():
+            reader.skip(start * plan.chunk)
+        for batch in range(start, plan.updates):
+            chunks = {source: reader.take(plan.chunk) for source, reader in readers.items()}
+            images, labels = _new_batch(len(slots), shape, in_worker), torch.empty(len(slots), dtype=torch.int64)
+            n = 0
+            with preserved_rng_state() if not in_worker else nullcontext():
+                for index, source, offsets in pieces:
+                    for offset in offsets:
+                        seed = plan.sample_seed(batch, index * plan.chunk + offset)
+                        images[n], labels[n] = decode_slot(self.transform, chunks[source], offset, readers[source],
+                                                           seed, events)
+                        n += 1
+            for source, found in read_events.items():
+                if source in reporting:
+                    events += found
+                found.clear()
             yield images, labels, events[:]
             events.clear()
-
-    def _augment(self, raw: RawSample, seed: int) -> torch.Tensor:
-        seed_everything_for_sample(seed)
-        return self.transform(raw.data)
-
-    def _make_batch(self, raws: list[RawSample], epoch: int, spares: Iterator[RawSample],
-                    events: list[ReadEvent], in_worker: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.transform.size
-        images = _new_batch(len(raws), (3, *size), in_worker)
-        labels = torch.empty(len(raws), dtype=torch.int64)
-        seeds = [mix_seed(self.seed, epoch, raw.position) for raw in raws]
-        failed: list[int] = []
-        with preserved_rng_state() if not in_worker else nullcontext():
-            for slot, raw in enumerate(raws):
-                try:
-                    images[slot] = self._augment(raw, seeds[slot])
-                    labels[slot] = raw.label
-                except (DecodeError, OSError, ValueError, RuntimeError) as error:
-                    events.append(ReadEvent(raw.source, f"undecodable sample {raw.key}: {error}"))
-                    failed.append(slot)
-            good = [slot for slot in range(len(raws)) if slot not in failed]
-            for slot in failed:
-                donor_raw = raws[min(good, key=lambda g: abs(g - slot))] if good else None
-                for _ in range(_MAX_SPARE_ATTEMPTS):
-                    if donor_raw is None:
-                        donor_raw = next(spares)
-                    try:
-                        images[slot] = self._augment(donor_raw, seeds[slot])
-                        labels[slot] = donor_raw.label
-                        break
-                    except (DecodeError, OSError, ValueError, RuntimeError):
-                        donor_raw = None
-                else:
-                    raise RuntimeError(f"{_MAX_SPARE_ATTEMPTS} undecodable samples in a row in {raws[0].source}")
-        return images, labels
 
 
 class EvalStream(IterableDataset):
@@ -183,7 +155,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[ReadEvent]]]:
         worker, in_worker = _worker_identity(self.workers)
         events: list[ReadEvent] = []
-        stream = _read_segments(self.split, self.segments[worker], events)
+        stream = read_segments(self.split, self.segments[worker], events)
         while raws := list(itertools.islice(stream, self.batch_size)):
             images = _new_batch(len(raws), (3, self.transform.size, self.transform.size), in_worker)
             labels = torch.empty(len(raws), dtype=torch.int64)
@@ -191,7 +163,7 @@ class EvalStream(IterableDataset):
             for raw in raws:
                 try:
                     images[kept] = self.transform(raw.data)
-                except (DecodeError, OSError, ValueError, RuntimeError) as error:
+                except DECODE_ERRORS as error:
                     events.append(ReadEvent(raw.source, f"undecodable sample {raw.key}: {error}"))
                     continue
                 labels[kept] = raw.label
@@ -232,13 +204,30 @@ class _LoaderBase:
 
 
 class TrainLoader(_LoaderBase):
-    """``len`` = batches per epoch on this rank (the same on every rank). Call ``set_epoch`` each epoch."""
+    """This rank's micro-batches: ``len`` = ``updates_per_epoch x accumulation`` (the same on every rank).
 
-    def __init__(self, stream: TrainStream, loader: DataLoader) -> None:
+    Call ``set_epoch`` every epoch; ``set_start(u)`` to begin at global batch ``u`` of the epoch.
+    """
+
+    def __init__(self, stream: TrainStream, loader: DataLoader, *, micro_batch: int, pin_memory: bool) -> None:
         super().__init__(loader, "train loader")
         self.stream = stream
+        self.micro_batch = micro_batch
+        self.accumulation = len(stream.slots) // micro_batch
+        self.updates_per_epoch = stream.plan(0).updates  # depends on the sample count and global batch only
+        self.pin_memory = pin_memory
         self.epoch = 0
         self.start = 0
+        self._ring: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def workers(self) -> int:
+        """Loader workers actually used (the request, clamped to this rank's slots per global batch)."""
+        return self.stream.workers
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -246,25 +235,62 @@ class TrainLoader(_LoaderBase):
         self.epoch = epoch
 
     def set_start(self, update: int) -> None:
-        batch_index = update * self.accumulation
-        if not 0 <= batch_index <= len(self):
-            raise ValueError(f"start batch {batch_index} outside [0, {len(self)}]")
-        self.start = batch_index
+        if not 0 <= update <= self.updates_per_epoch:
+            raise ValueError(f"start update {update} outside [0, {self.updates_per_epoch}]")
+        self.start = update
 
     def __len__(self) -> int:
-        return self.stream.plan(self.epoch).batches_per_rank
-
-    @property
-    def updates_per_epoch(self) -> int:
-        return len(self) // self.accumulation
-
-    @property
-    def batch_size(self) -> int:
-        return self.stream.micro_batch
+        return self.updates_per_epoch * self.accumulation
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.stream.state.copy_(torch.tensor([self.epoch, self.start]))
-        return self._consume(iter(self.loader))
+        return self._micro_batches(self._consume(iter(self.loader)), self.start)
+
+    def _micro_batches(self, items: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                       start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        parts_per_batch = max(1, self.stream.workers)
+        for update in range(start, self.updates_per_epoch):
+            parts = list(itertools.islice(items, parts_per_batch))
+            if len(parts) < parts_per_batch:
+                raise RuntimeError(f"train loader: workers stopped at global batch {update} of "
+                                   f"{self.updates_per_epoch}")
+            if self.pin_memory:
+                yield from self._split(self._into_ring(parts, update), None)
+            else:
+                yield from self._split(None, parts)
+        if next(items, None) is not None:
+            raise RuntimeError("train loader: workers yielded more batches than planned")
+
+    def _into_ring(self, parts: list[tuple[torch.Tensor, torch.Tensor]],
+                   update: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._ring:
+            pin = torch.cuda.is_available()  # without a GPU, plain memory (what DataLoader's pin_memory does too)
+            shape, size = parts[0][0].shape[1:], len(self.stream.slots)
+            self._ring = [(torch.empty((size, *shape), dtype=torch.uint8, pin_memory=pin),
+                           torch.empty(size, dtype=torch.int64, pin_memory=pin)) for _ in range(PIN_RING)]
+        images, labels = self._ring[update % PIN_RING]
+        torch.cat([p[0] for p in parts], out=images)
+        torch.cat([p[1] for p in parts], out=labels)
+        return images, labels
+
+    def _split(self, whole: tuple[torch.Tensor, torch.Tensor] | None,
+               parts: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Micro-batches in slot order: slices of ``whole``, or of ``parts`` (a view when one part holds it)."""
+        m = self.micro_batch
+        if whole is not None:
+            for a in range(self.accumulation):
+                yield whole[0][a * m:(a + 1) * m], whole[1][a * m:(a + 1) * m]
+            return
+        bounds = list(itertools.accumulate((len(p[1]) for p in parts), initial=0))
+        for a in range(self.accumulation):
+            lo, hi = a * m, (a + 1) * m
+            pieces = [(p, max(lo, b0) - b0, min(hi, b1) - b0)
+                      for p, b0, b1 in zip(parts, bounds, bounds[1:]) if b0 < hi and b1 > lo]
+            if len(pieces) == 1:
+                (images, labels), x, y = pieces[0]
+                yield images[x:y], labels[x:y]
+            else:
+                yield (torch.cat([p[0][x:y] for p, x, y in pieces]), torch.cat([p[1][x:y] for p, x, y in pieces]))
 
 
 class EvalLoader(_LoaderBase):
@@ -292,24 +318,33 @@ def build_train_loader(
     ds: Dataset, *, rank: int, world_size: int, micro_batch: int, img_size: int, global_batch: int | None = None,
     auto_augment: str | None = "rand-m7-mstd0.5-inc1", aug_repeats: int = 0,
     scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-    interpolation: str = "bicubic", workers: int = 2, seed: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    pin_memory: bool | None = None, prefetch: int = 2, split: str = "train", draft: bool = True,
+    interpolation: str = "bicubic", workers: int = 2, seed: int = 0, pin_memory: bool | None = None,
+    prefetch: int = 2, split: str = "train", draft: bool = True,
 ) -> TrainLoader:
-    """Equal-length, deterministic, resumable train batches for one rank (see the module docstrings)."""
+    """Equal-length, deterministic, resumable train micro-batches for one rank (see the module docstrings).
+
+    The global batches depend on ``global_batch`` (default ``world_size x micro_batch``, no accumulation),
+    ``seed``, the epoch, ``aug_repeats`` and the data, not on ``world_size``, ``micro_batch`` or ``workers``.
+    """
     _check_rank(rank, world_size, micro_batch, "micro_batch")
+    global_batch = world_size * micro_batch if global_batch is None else global_batch
+    if global_batch < 1 or global_batch % (world_size * micro_batch):
+        raise ValueError(f"global_batch={global_batch} is not divisible by micro_batch={micro_batch} x "
+                         f"world_size={world_size} = {micro_batch * world_size}")
+    if workers < 0 or prefetch < 1:
+        raise ValueError(f"workers={workers} must be >= 0 and prefetch={prefetch} >= 1")
     source = ds.split(split)
-    if source.num_samples < world_size * micro_batch:
-        raise ValueError(f"split {split!r} of {ds.spec} has {source.num_samples} samples, fewer than one batch "
-                         f"per rank ({world_size} x {micro_batch})")
+    if source.num_samples < global_batch:
+        raise ValueError(f"split {split!r} of {ds.spec} has {source.num_samples} samples, fewer than one global "
+                         f"batch ({global_batch})")
     transform = TrainTransform(img_size, auto_augment=auto_augment, scale=scale, ratio=ratio, hflip=hflip,
                                interpolation=interpolation, draft=draft)
-    stream = TrainStream(source, transform, rank=rank, world_size=world_size, workers=workers,
-                         micro_batch=micro_batch, seed=seed, repeats=int(aug_repeats), shuffle_buffer=shuffle_buffer)
+    stream = TrainStream(source, transform, rank=rank, world_size=world_size, global_batch=global_batch,
+                         workers=workers, seed=seed, repeats=int(aug_repeats))
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    loader = TrainLoader(stream, _make_dataloader(stream, workers, pin, prefetch))
-    loader.accumulation = (global_batch or world_size * micro_batch) // (world_size * micro_batch)
-    loader.workers = workers
-    return loader
+    # the DataLoader does not pin: the slice is assembled into pinned buffers here, one copy either way
+    return TrainLoader(stream, _make_dataloader(stream, stream.workers, False, prefetch), micro_batch=micro_batch,
+                       pin_memory=pin)
 
 
 def build_eval_loader(

@@ -1,42 +1,62 @@
-"""Who reads which samples: the per-epoch plan that makes every rank yield the same number of batches.
+"""Which sample goes where: the per-epoch plan, a pure function of the data, the seed, the epoch, the
+global batch and the repeat count, never of the world size, the accumulation steps or the workers.
 
-Training (:class:`TrainPlan`)
-    Each epoch the units (tars, or single images for a folder source) are permuted with
-    ``(seed, epoch)`` only, so every rank computes the same permutation. Concatenated, they form one
-    virtual stream of ``N`` samples. The epoch emits ``T = world_size * B * micro_batch`` samples with
-    ``B = N // (world_size * micro_batch)`` batches per rank (drop-last, identical on every rank).
-    Emitted positions ``[0, T)`` are cut into contiguous ranges, rank-major then worker
-    (rank r, worker w owns the batches ``b`` of that rank with ``b % workers == w``, which is the
-    order in which a DataLoader collects batches from its workers). Emitted position ``p`` reads
-    sample ``p mod M`` of the virtual stream, ``M = ceil(T / repeats)``.
+The guarantee
+    The sequence of *global* batches (which samples form global batch ``i``, in which slot ``q`` of it,
+    and every random draw of each sample's augmentation) depends only on the split's sample counts,
+    ``seed``, ``epoch``, the global batch ``G`` and ``aug_repeats``. A rank owns a contiguous block of
+    slots and cuts it into micro-batches in slot order, so for a given micro-batch size 1 process x 2
+    accumulation steps and 2 processes x 1 step see the very same micro-batches, pixel for pixel, and a
+    run resumed on another shape continues with exactly the batches it would have seen.
 
-    * Shards fewer than ranks x workers, or of very different sizes, need nothing special: ranges
-      cut through shards, so one shard may be read by several workers, each reading only its part.
-      Cost: a local tar is seeked over (headers only); a streamed one (``pipe:``, http) is read from
-      its start up to the range, so with very few large remote shards the I/O grows to at most
-      (workers sharing a shard + 1) / 2 times its size. No sample is duplicated or lost by this.
-    * The ``N - T`` (< world_size * micro_batch) samples at the end of the permuted stream are not
-      used that epoch; they differ every epoch because the permutation does.
-    * webdataset traps avoided by construction: no nodesplitter, no per-worker ``with_epoch``, and
-      the shard order is re-drawn every epoch (``shardshuffle=N`` would repeat it).
+The epoch stream
+    Units (tars, or single images for a folder source) are permuted with ``(seed, epoch)`` and
+    concatenated into a stream of ``N`` samples, which is then rotated by an offset drawn from
+    ``(seed, epoch)`` in ``[0, N)``, so even a one-shard dataset starts elsewhere every epoch.
 
-Repeated augmentation (``repeats = R > 1``)
-    The copies of distinct sample ``j`` sit at emitted positions ``j, j + M, j + 2M, ...``: ``T / R``
-    apart, i.e. about ``world_size / R`` ranks apart, so with ``world_size >= R`` the copies land on
-    different ranks, and otherwise on different workers or at least different batches of one rank.
-    Each copy is read and decoded by its own worker and augmented with the seed of its own position.
-    Guarantee: the epoch has ``T`` samples (one pass, like timm's RepeatAugSampler); when ``R``
-    divides ``T`` each of the ``T / R`` distinct samples used appears exactly ``R`` times, otherwise
-    the first ``T - (R - 1) M`` appear ``R`` times and the rest ``R - 1`` times. About ``1 / R`` of the
-    data is read per epoch, a different part each epoch.
+Epoch length
+    ``U = ceil(N / G)`` updates (global batches): every sample is seen at least once per epoch. The
+    ``U * G - N`` extra slots wrap around: epoch positions ``N .. U*G - 1`` read the rotated stream's
+    positions ``0 .. U*G - N - 1`` a second time (like torch's ``DistributedSampler`` without
+    ``drop_last``, and timm's webdataset reader, which pads each worker to whole batches).
+
+Virtual readers (the stand-in for physical readers, like Mosaic Streaming's canonical nodes)
+    ``C`` = the smallest divisor of ``G`` with ``G / C <= 256`` (1 for ``G <= 256``), ``V = G / C``.
+    Slot ``q`` of every global batch belongs to reader ``v = q // C``. Reader ``v`` reads epoch
+    positions ``[v U C, (v+1) U C)`` of the rotated stream sequentially (tars are streamed, never
+    accessed per sample), passes them through its own shuffle buffer (``shuffle_buffer`` raw samples,
+    a function of ``G`` only, seeded from ``(seed, epoch, v)``; none for a folder source, whose units are
+    single images and already permuted) and sends its ``k``-th output to global batch ``k // C``, slot
+    ``v C + k % C``. A global batch thus holds ``C`` samples from each of ``V`` strata of the stream.
+    Sample ``q`` of batch ``i`` is augmented with seed ``mix_seed(seed, epoch, i, q)``, whoever decodes
+    it. (A ``G`` with a large prime factor gives few readers, e.g. ``G = 257`` gives one: correct, but
+    the epoch is then one stream through one shuffle buffer.)
+
+Repeated augmentation (``R = aug_repeats > 1``, RSB A1/A2 use 3)
+    Only the first ``S = ceil(V / R)`` readers are *sources* with their own range; reader ``v`` replays
+    source ``v mod S`` (same range, same shuffle seed). The ``R`` copies of a sample therefore sit in the
+    same global batch ``S C`` (about ``G / R``) slots apart, on different ranks when
+    ``world_size >= R`` (like timm's ``RepeatAugSampler``), each with its own augmentation seed. About
+    ``1 / R`` of the data is used per epoch (``S U C`` samples), a different part each epoch. Source ``s``
+    has ``ceil((V - s) / S)`` copies: ``R`` when ``R`` divides ``V``; otherwise the last sources get
+    fewer (``R - 1`` as long as ``V >= (R - 1)^2``; e.g. ``G = 2048, R = 3``: 84 sources x 3 + 2 x 2).
 
 Spares
-    A worker whose planned range delivers fewer samples than planned (truncated shard, missing
-    members, counts that were only assumed for remote URLs) keeps reading a *spare* stream that starts
-    in the part of the virtual stream this epoch does not use and wraps around. Its batch count never
-    changes; the cost is a few duplicate samples in that epoch.
+    A source whose range delivers fewer samples than planned (truncated, damaged or vanished shard,
+    counts that were only assumed for remote URLs) continues from its spare stream: a full cycle of the
+    rotated stream starting in the part this epoch does not use (with ``R = 1`` there is none: spread
+    over the stream). Every reader still yields exactly ``U C`` outputs, so every rank keeps the same
+    number of batches; the cost is a few duplicates in that epoch.
 
-Evaluation (:func:`eval_segments`)
+Physical layout (:func:`rank_slots`, :func:`worker_slots`)
+    Rank ``r`` of ``w`` owns slots ``[r G / w, (r+1) G / w)``; its loader workers each own a contiguous
+    sub-block of those slots. A worker reads every source overlapping its slots (a reader shared by two
+    workers is read by both, each decoding only its own slots): with streamed remote shards that is
+    extra network reading, never extra decoding. A reader whose range starts inside a shard seeks over
+    the samples before it (tar headers only) in a local file; a streamed one (``pipe:``, http) is read
+    from its start, which costs at most one shard's worth of extra reading per reader and epoch.
+
+Evaluation (:func:`eval_plan`)
     With known counts, rank r reads samples ``[r N / world, (r+1) N / world)`` of the natural order
     (sizes differ by at most one), cut into batches (the last one partial) and dealt to workers in
     contiguous blocks: each validation sample exactly once across all ranks. With unknown counts
@@ -47,15 +67,15 @@ Evaluation (:func:`eval_segments`)
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from functools import cached_property
 
 import numpy as np
 
 _MASK64 = (1 << 64) - 1
-T = TypeVar("T")
+MAX_READERS = 256  # virtual readers per global batch: strata of the stream, and concurrently open streams
+SHUFFLE_RAWS = 2048  # raw samples in all shuffle buffers together, at least (they also hold >= 4 chunks each)
 
 
 def mix_seed(*parts: int) -> int:
@@ -81,12 +101,12 @@ class Segment:
     position: int
 
 
-def count_batches(total: int, workers: int, worker: int, start: int = 0) -> int:
-    """How many of batches ``start <= b < total`` fall to ``worker`` (``b % workers == worker``)."""
-    return len(range(worker, total, workers)) - len(range(worker, min(start, total), workers))
+def chunk_size(global_batch: int) -> int:
+    """``C``: the smallest divisor of the global batch that leaves at most :data:`MAX_READERS` readers."""
+    return next(c for c in range(1, global_batch + 1) if global_batch % c == 0 and global_batch // c <= MAX_READERS)
 
 
-def _segments_for(order: np.ndarray, bounds: np.ndarray, lengths: np.ndarray, x: int, y: int, position: int):
+def _segments_for(order: np.ndarray, bounds: np.ndarray, x: int, y: int, position: int) -> Iterator[Segment]:
     """Segments covering stream positions ``[x, y)`` (stream = units in ``order``, ``bounds`` = cumsum)."""
     k = int(np.searchsorted(bounds, x, side="right")) - 1
     while x < y and k < len(order):
@@ -99,94 +119,107 @@ def _segments_for(order: np.ndarray, bounds: np.ndarray, lengths: np.ndarray, x:
         k += 1
 
 
-@dataclass(frozen=True)
-class TrainPlan:
+@dataclass(frozen=True, eq=False)
+class EpochPlan:
+    """One epoch's reading plan; identical in every process of every shape (see the module docstring)."""
+
     lengths: np.ndarray
     seed: int
     epoch: int
-    rank: int
-    world_size: int
-    workers: int
-    micro_batch: int
+    global_batch: int
     repeats: int = 1
 
-    @property
+    @cached_property
     def num_samples(self) -> int:
         return int(self.lengths.sum())
 
-    @property
-    def batches_per_rank(self) -> int:
-        return self.num_samples // (self.world_size * self.micro_batch)
+    @cached_property
+    def updates(self) -> int:
+        """``U``: global batches per epoch."""
+        return math.ceil(self.num_samples / self.global_batch)
+
+    @cached_property
+    def chunk(self) -> int:
+        return chunk_size(self.global_batch)
 
     @property
-    def emitted(self) -> int:
-        return self.batches_per_rank * self.world_size * self.micro_batch
+    def readers(self) -> int:
+        return self.global_batch // self.chunk
 
     @property
-    def distinct(self) -> int:
-        return max(1, math.ceil(self.emitted / max(1, self.repeats)))
+    def sources(self) -> int:
+        """Readers with a range of their own (all of them unless repeated augmentation)."""
+        return math.ceil(self.readers / max(1, self.repeats))
+
+    @property
+    def reader_length(self) -> int:
+        return self.updates * self.chunk
+
+    @property
+    def shuffle_buffer(self) -> int:
+        return max(4 * self.chunk, math.ceil(SHUFFLE_RAWS / self.readers))
+
+    def source_of(self, reader: int) -> int:
+        return reader % self.sources
+
+    def copies(self, source: int) -> int:
+        return len(range(source, self.readers, self.sources))
+
+    @cached_property
+    def _layout(self) -> tuple[np.ndarray, np.ndarray, int]:
+        rng = np.random.default_rng([self.seed & _MASK64, self.epoch, 0xDA7A])
+        order = rng.permutation(len(self.lengths))
+        bounds = np.concatenate([[0], np.cumsum(self.lengths[order])])
+        return order, bounds, int(rng.integers(self.num_samples)) if self.num_samples else 0
 
     def unit_order(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed & _MASK64, self.epoch, 0xDA7A])
-        return rng.permutation(len(self.lengths))
+        return self._layout[0]
 
-    def _bounds(self, order: np.ndarray) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.lengths[order])])
+    @property
+    def offset(self) -> int:
+        """Where epoch position 0 lies in the permuted stream."""
+        return self._layout[2]
 
-    def worker_range(self, worker: int) -> tuple[int, int]:
-        """Emitted positions ``[a, b)`` of this rank's logical ``worker``."""
-        per_rank = self.batches_per_rank * self.micro_batch
-        before = sum(count_batches(self.batches_per_rank, self.workers, w) for w in range(worker))
-        a = self.rank * per_rank + before * self.micro_batch
-        return a, a + count_batches(self.batches_per_rank, self.workers, worker) * self.micro_batch
-
-    def worker_segments(self, worker: int) -> list[Segment]:
-        order = self.unit_order()
-        bounds = self._bounds(order)
-        a, b = self.worker_range(worker)
+    def _ring(self, x: int, count: int, position: int) -> list[Segment]:
+        """Segments of ``count`` consecutive positions of the rotated stream from epoch position ``x``."""
+        order, bounds, offset = self._layout
+        n = self.num_samples
         segments: list[Segment] = []
-        p = a
-        while p < b:
-            x = p % self.distinct
-            end = min(b, p + self.distinct - x)
-            segments.extend(_segments_for(order, bounds, self.lengths, x, x + end - p, p))
-            p = end
+        p = (offset + x) % n
+        while count > 0:
+            take = min(count, n - p)
+            segments.extend(_segments_for(order, bounds, p, p + take, position))
+            position, count, p = position + take, count - take, 0
         return segments
 
-    def spare_segments(self, worker: int) -> Iterator[Segment]:
-        """Endless spare stream for this worker, starting in the part of the stream unused this epoch."""
-        order = self.unit_order()
-        bounds = self._bounds(order)
-        n = self.num_samples
-        global_worker = self.rank * self.workers + worker
-        unused = n - self.distinct
-        x = (self.distinct + global_worker * max(1, unused // (self.world_size * self.workers))) % max(n, 1)
-        position = -(1 + global_worker) << 40  # negative: never collides with a planned position
-        while n > 0:
-            for segment in _segments_for(order, bounds, self.lengths, x, n, position):
-                yield segment
-                position -= segment.stop - segment.start
-            x = 0
+    def source_segments(self, source: int) -> list[Segment]:
+        """What source ``source`` reads, in order: epoch positions ``[s U C, (s+1) U C)``."""
+        start = source * self.reader_length
+        return self._ring(start, self.reader_length, start)
 
-    def shuffle_seed(self, worker: int) -> int:
-        return mix_seed(self.seed, self.epoch, self.rank, self.world_size, worker, 0x5B0F)
+    def spare_segments(self, source: int) -> list[Segment]:
+        """One full cycle of the stream for a source that ran short, starting where this epoch reads least."""
+        used = self.sources * self.reader_length
+        unused = self.num_samples - used
+        step = unused // self.sources if unused >= self.sources else self.num_samples // self.sources
+        return self._ring(used + source * step, self.num_samples, -(1 + source) << 40)  # < 0: marks a spare
+
+    def shuffle_seed(self, source: int) -> int:
+        return mix_seed(self.seed, self.epoch, source, 0x5B0F)
+
+    def sample_seed(self, batch: int, slot: int) -> int:
+        return mix_seed(self.seed, self.epoch, batch, slot)
 
 
-def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
-    """Classic streaming shuffle: keep ``size`` items, emit a random one as each new item arrives."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list[T] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(size)
-        yield buffer[index]
-        buffer[index] = item
-    rng.shuffle(buffer)
-    yield from buffer
+def rank_slots(rank: int, world_size: int, global_batch: int) -> range:
+    per_rank = global_batch // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def worker_slots(slots: range, workers: int) -> list[range]:
+    """Contiguous sub-blocks of ``slots`` (sizes differ by at most one), in worker order = slot order."""
+    n = len(slots)
+    return [range(slots.start + w * n // workers, slots.start + (w + 1) * n // workers) for w in range(workers)]
 
 
 def eval_plan(
@@ -209,5 +242,5 @@ def eval_plan(
     for w in range(workers):
         b0, b1 = w * num_batches // workers, (w + 1) * num_batches // workers
         x, y = lo + b0 * batch_size, min(lo + b1 * batch_size, hi)
-        per_worker.append(list(_segments_for(order, bounds, lengths, x, y, x)) if y > x else [])
+        per_worker.append(list(_segments_for(order, bounds, x, y, x)) if y > x else [])
     return per_worker, num_batches

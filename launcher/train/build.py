@@ -148,18 +148,19 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
     accelerator.gradient_accumulation_steps = accumulation
 
     loader_kwargs: dict[str, Any] = dict(
-        rank=rank, world_size=world, global_batch=cfg.global_batch, micro_batch=micro, img_size=cfg.img_size, auto_augment=cfg.auto_augment,
+        rank=rank, world_size=world, global_batch=cfg.global_batch, micro_batch=micro, img_size=cfg.img_size,
+        auto_augment=cfg.auto_augment,
         aug_repeats=cfg.aug_repeats, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
         interpolation=cfg.interpolation, workers=workers, seed=cfg.seed, split=cfg.train_split,
         pin_memory=cfg.pin_memory and device.type == "cuda")
-    train_loader = build_train_loader(ds, **loader_kwargs)
-    updates = train_loader.updates_per_epoch
-    if cfg.limit_train_batches:
-        updates = min(updates, cfg.limit_train_batches)
     train_samples = ds.num_samples(cfg.train_split)
-    if updates < 1:
+    if train_samples < cfg.global_batch:
         raise ConfigError(f"the training split has {train_samples} images, fewer than one global batch "
                           f"(global_batch={cfg.global_batch}); lower --global-batch")
+    train_loader = build_train_loader(ds, **loader_kwargs)
+    updates = train_loader.updates_per_epoch  # ceil(samples / global batch), the same for every shape
+    if cfg.limit_train_batches:
+        updates = min(updates, cfg.limit_train_batches)
 
     eval_loaders: dict[str, Any] = {}
     val_samples = 0
