@@ -26,7 +26,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from launcher.finetune.modelcards import IMAGE_EXTENSIONS
-from launcher.train.state import load_checkpoint
+from launcher.train.checkpoints import load_checkpoint
 
 
 @dataclass

@@ -17,6 +17,7 @@ from accelerate.utils import DistributedType
 
 from launcher.config import ConfigError, TrainConfig, mixing_enabled
 from launcher.train import batching
+from launcher.train.accelerator import configure_deepspeed, load_step_folder, save_step_folder
 from launcher.train.hardware import default_workers, local_processes
 from launcher.train.state import Shape
 
@@ -47,8 +48,8 @@ class RunParts:
     workers: int
     choices: dict[str, str]  # why each hardware-dependent number is what it is (start block)
     deepspeed: bool = False
-    save_deepspeed: Any = None  # (folder, step) -> name of the step's DeepSpeed folder
-    load_deepspeed: Any = None  # (name) -> None
+    save_deepspeed: Any = None  # (folder, step) -> name of the step's DeepSpeed folder (collective)
+    load_deepspeed: Any = None  # (checkpoint path, state) -> None (collective)
 
     def gather_loader_stats(self) -> dict[str, Any]:
         """Skipped data of every rank's loaders, merged (collective: every rank calls it)."""
@@ -120,7 +121,7 @@ def _class_weights(cfg: TrainConfig, ds: Any, num_classes: int) -> torch.Tensor 
     return torch.tensor([total / (num_classes * c) if c else 0.0 for c in values], dtype=torch.float32)
 
 
-def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
+def build_parts(cfg: TrainConfig, accelerator: Accelerator, accelerator_precision: str = "no") -> RunParts:
     from launcher.data import BatchTransform, build_eval_loader, build_train_loader
     from launcher.models import convert_sync_batchnorm, create_resnet
     from launcher.models.optim import create_loss, create_optimizer, create_scheduler
@@ -195,14 +196,9 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
         ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
     if cfg.compile:
         model = torch.compile(model)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        if cfg.opt == "lamb" and ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
-            log.warning("DeepSpeed ZeRO flattens parameters: LAMB's per-layer trust ratio becomes per-partition. "
-                        "For a faithful RSB run use plain DDP, or --opt adamw with DeepSpeed (docs/training.md)")
-        ds_config["train_micro_batch_size_per_gpu"] = micro
-        ds_config["gradient_accumulation_steps"] = accumulation
-        ds_config["train_batch_size"] = cfg.global_batch
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        configure_deepspeed(accelerator, cfg, accelerator_precision, micro, accumulation)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     config_dict = dict(cfg.to_dict(), num_classes=num_classes, micro_batch=micro, workers=workers)
@@ -214,7 +210,9 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> RunParts:
                     config_dict=config_dict, data_kind=str(getattr(ds, "kind", "?")),
                     train_samples=train_samples, val_samples=val_samples,
                     shape=Shape(world, micro, accumulation), workers=getattr(train_loader, "workers", workers),
-                    choices=choices)
+                    choices=choices, deepspeed=deepspeed,
+                    save_deepspeed=(lambda folder, step: save_step_folder(accelerator, folder, step)) if deepspeed else None,
+                    load_deepspeed=(lambda path, state: load_step_folder(accelerator, path, state)) if deepspeed else None)
 
 
 def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, precision: str, output: Path,

@@ -12,7 +12,6 @@ and the space needed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -44,9 +43,15 @@ def state_bytes(obj: Any) -> int:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: never a torn file."""
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: never a torn file.
+
+    A disk too small for the file fails before writing, or during it, with one line naming the folder and
+    the space needed; the temp file is removed and the file it would have replaced is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    needed = state_bytes(obj)
+    _check_space(path, needed)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
@@ -54,18 +59,24 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(path.parent).free
-            raise CheckpointError(
-                f"no space left on the device of {path.parent} while writing {path.name}: it needs about "
-                f"{state_bytes(obj) / 1e6:.0f} MB free ({free / 1e6:.0f} MB are); the previous checkpoint is intact"
-            ) from None
-        raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}") from None
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a failed write as a RuntimeError
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        _check_space(path, needed)  # after removing the partial file: is the disk too small for this one?
+        raise CheckpointError(f"cannot write checkpoint {path}: {getattr(error, 'strerror', None) or error}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def _check_space(path: Path, needed: int) -> None:
+    free = shutil.disk_usage(path.parent).free
+    if free < needed * 1.02 + (1 << 20):  # the file holds the tensors plus a little framing
+        raise CheckpointError(
+            f"no space left on the device of {path.parent} for {path.name}: it needs about {needed / 1e6:.0f} MB "
+            f"free ({free / 1e6:.0f} MB are); the previous checkpoint is intact"
+        )
 
 
 def atomic_link(source: Path, target: Path) -> None:
@@ -137,6 +148,7 @@ class CheckpointWriter:
             atomic_link(path, self.last)
             for old in self.step_checkpoints()[: -self.keep]:
                 old.unlink(missing_ok=True)
+                shutil.rmtree(old.with_suffix(""), ignore_errors=True)  # its DeepSpeed folder, if any
         self.last_written = path
         if after is not None:
             after()

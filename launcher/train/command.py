@@ -4,8 +4,9 @@
     accelerate launch recipes/a2.py --data shards/NAME          # the same, the recipe file runs itself
     launcher train --config runs/NAME/config.yaml --resume auto  # continue a run from its folder
 
-Exit codes: 0 done, 2 bad setting (one-line error), 75 preempted (checkpoint written, resume with
-``--resume auto``; see ``launcher.train.loop.PREEMPTED_EXIT_CODE``).
+Exit codes: 0 done, 2 bad setting (one-line error), 74 a checkpoint could not be written (one line naming
+the folder and the space needed; the previous checkpoint is intact), 75 preempted (checkpoint written,
+resume with ``--resume auto``; see ``launcher.train.loop.PREEMPTED_EXIT_CODE``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from launcher.config import ConfigError, TrainConfig, parse_config
 
 RECIPE_NAMES = ("a1", "a2", "a3")
+CHECKPOINT_FAILED_EXIT_CODE = 74  # sysexits.h EX_IOERR: a checkpoint could not be written (e.g. disk full)
 
 
 def load_recipe(name: str) -> TrainConfig:
@@ -43,6 +45,7 @@ def load_recipe(name: str) -> TrainConfig:
 
 def run_recipe(recipe: TrainConfig, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse overrides onto ``recipe``, train, and return the process exit code."""
+    from launcher.train.checkpoints import CheckpointError
     from launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -57,6 +60,9 @@ def run_recipe(recipe: TrainConfig, argv: list[str] | None = None, prog: str | N
     except Preempted as exc:
         print(f"preempted: {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return CHECKPOINT_FAILED_EXIT_CODE
     return 0
 
 

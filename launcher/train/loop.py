@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from launcher.config import TrainConfig, save_config, validate
+from launcher.train.accelerator import clean_step_folders, create_accelerator
 from launcher.train.build import build_parts, startup_report
 from launcher.train.checkpoints import CheckpointWriter
 from launcher.train.precision import configure_backends, resolve_device, resolve_precision
@@ -96,9 +96,15 @@ class Trainer:
             (self.output / "checkpoints").mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         setup_logging(self.output, self.main)
-        self.ckpt = CheckpointWriter(self.output / "checkpoints", cfg.keep_checkpoints)
         self.progress = Progress()
-        self.parts = build_parts(cfg, accelerator)
+        self.parts = build_parts(cfg, accelerator, precision)
+        keep = cfg.keep_checkpoints
+        if self.parts.deepspeed and keep < 1:  # a DeepSpeed folder is found through its step file
+            log.info("DeepSpeed: keeping 1 step checkpoint (--keep-checkpoints 0 would leave its folder unnamed)")
+            keep = 1
+        self.ckpt = CheckpointWriter(self.output / "checkpoints", keep)
+        if self.parts.deepspeed and self.main:
+            clean_step_folders(self.ckpt.folder)
         self.model = self.parts.model
         self.metrics = MetricsLog(self.output, accelerator, self.main, cfg.report_to != "none")
         self.stop_reason = ""
@@ -110,7 +116,9 @@ class Trainer:
         path, state = self.ckpt.resolve_resume(cfg.resume)
         notes = []
         if state is not None:
-            self.progress = restore(state, self.parts, acc, load_deepspeed=self.parts.load_deepspeed)
+            load_ds = self.parts.load_deepspeed
+            self.progress = restore(state, self.parts, acc,
+                                    load_deepspeed=(lambda st: load_ds(path, st)) if load_ds else None)
             self.resumed_from = path
             old = saved_shape(state)
             if old != self.parts.shape:
@@ -180,7 +188,7 @@ class Trainer:
                 inputs, targets = parts.batch_transform.train(images, labels)
                 loss = parts.loss_fn(self.model(inputs).float(), targets)
                 acc.backward(loss)
-                if self.cfg.clip_grad and acc.sync_gradients:
+                if self.cfg.clip_grad and acc.sync_gradients and not parts.deepspeed:  # DeepSpeed clips itself
                     acc.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
                 parts.optimizer.step()
                 parts.optimizer.zero_grad(set_to_none=True)
@@ -351,10 +359,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device, deterministic=cfg.deterministic, threads=cfg.threads)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision,
-                              log_with=None if cfg.report_to == "none" else cfg.report_to)
-    if device == "cpu" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        log.warning("DeepSpeed config ignored: DeepSpeed runs on GPUs only here; training with plain DDP on CPU")
+    accelerator = create_accelerator(device, precision, None if cfg.report_to == "none" else cfg.report_to)
     trainer = None
     try:
         trainer = Trainer(cfg, accelerator, precision)

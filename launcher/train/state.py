@@ -222,7 +222,7 @@ def restore(state: dict[str, Any], parts: Any, accelerator: Any, *, load_deepspe
     if state.get("deepspeed"):
         if load_deepspeed is None:
             raise ConfigError("resume: this checkpoint was written by DeepSpeed; launch with the same DeepSpeed config")
-        load_deepspeed(state["deepspeed"])
+        load_deepspeed(state)
     elif state.get("optimizer") is None:
         raise ConfigError("resume: this checkpoint has no optimizer state (written by DeepSpeed?); "
                           "launch with the DeepSpeed config it was written with")
