@@ -72,7 +72,8 @@ class TrainConfig:
     weight_decay: float = _f(0.02, "weight decay (not applied to BN and bias)")
     momentum: float = _f(0.9, "SGD momentum (sgd only)")
     clip_grad: float | None = _f(None, "extra global grad-norm clip (LAMB already clips at 1.0 inside)")
-    warmup_epochs: int = _f(5, "linear warmup epochs (inside --epochs, as in timm)")
+    warmup_epochs: int = _f(5, "linear warmup epochs (inside --epochs, as in timm; shortened to epochs - 1 "
+                               "when the run is not longer)")
     warmup_lr: float = _f(1e-4, "learning rate at the start of warmup")
     min_lr: float = _f(1e-6, "final learning rate of the cosine decay")
     sched_on_updates: bool = _f(False, "step the LR schedule every optimizer update instead of every epoch")
@@ -301,8 +302,6 @@ def validate(cfg: TrainConfig) -> None:
                  "lr_ref_batch"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0 (got {getattr(cfg, name)})")
     need(cfg.log_every > 0, f"log_every must be > 0 (got {cfg.log_every})")
-    need(cfg.warmup_epochs < cfg.epochs or cfg.warmup_epochs == 0,
-         f"warmup_epochs={cfg.warmup_epochs} must be smaller than epochs={cfg.epochs}")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number (got {cfg.lr})")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})")
     need(0 < cfg.crop_pct <= 1, f"crop_pct must be in (0, 1] (got {cfg.crop_pct})")
