@@ -176,3 +176,14 @@ def test_max_train_steps_stops_the_run_there(digits_shards: Path, tmp_path: Path
     assert summary["steps"] == limit and summary["stop_reason"] == f"max_train_steps={limit} reached"
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, limit + 1))
+
+
+def test_cpu_runs_name_deepspeeds_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.train.precision import configure_backends
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    configure_backends("cpu", deterministic=False, threads=0)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # the user's choice is kept
+    configure_backends("cpu", deterministic=False, threads=0)
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
