@@ -123,7 +123,8 @@ class TrainConfig:
     name: str = _f("", "run name (default: <recipe>-<model>-<time>)")
     output: str = _f("", "run folder (default: runs/<name>)")
     recipe: str = _f("custom", "recipe this config came from (informational)")
-    progress: bool = _f(True, "progress bar on the main process")
+    progress: bool = _f(True, "progress on the main process: a bar on a terminal, one line per log interval "
+                              "in a file (LAUNCHER_PROGRESS=bar|lines forces one)")
     # --- short runs -------------------------------------------------------------------------------
     max_train_steps: int = _f(0, "stop after N optimizer steps in total (0 = run all epochs)")
     limit_train_batches: int = _f(0, "at most N optimizer steps per epoch; the schedule follows (0 = all)")
@@ -320,6 +321,12 @@ def validate(cfg: TrainConfig) -> None:
              f"global_batch={cfg.global_batch} is not divisible by micro_batch={cfg.micro_batch}")
         need(not mixing_enabled(cfg) or cfg.micro_batch % 2 == 0,
              f"micro_batch={cfg.micro_batch} must be even when mixup/cutmix is on (pairs are mixed)")
+    try:
+        from launcher.progress import check_environment
+
+        check_environment()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     need(cfg.resume in ("", "auto") or Path(cfg.resume).is_file(),
          f"resume={cfg.resume!r}: no such checkpoint file (use 'auto' or a path to a .pt file)")
 

@@ -321,6 +321,26 @@ def test_verify_passes_then_catches_a_truncated_shard(tree: Path, tmp_path: Path
     assert problems and all("out-train-000001.tar" in problem for problem in problems)
 
 
+def test_progress_in_a_log_file_is_plain_lines_with_eta(tree: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr is a file (SLURM, CI, nohup): no carriage-return frames, lines with the ETA, a final line each."""
+    monkeypatch.delenv("LAUNCHER_PROGRESS", raising=False)  # the mode follows stderr
+    monkeypatch.setenv("LAUNCHER_PROGRESS_INTERVAL", "0")  # a line per update: this job takes a second, not 30
+    log_path = tmp_path / "job.err"
+    with open(log_path, "w") as log_file:
+        monkeypatch.setattr(sys, "stderr", log_file)
+        code = main([str(tree), "--out", str(tmp_path / "out"), "--workers", "1", "--shard-count", "4", "--verify"])
+        monkeypatch.undo()
+    text = log_path.read_text()
+    assert code == EXIT_OK and "\r" not in text
+    images = len(source_images(tree))
+    assert re.search(rf"^shardify: \d+/{images} img \(\d+%\), [\d.]+ img/s, ETA \d+:\d\d:\d\d$", text, re.M), text
+    assert re.search(rf"^shardify: {images}/{images} img in \d+:\d\d:\d\d \([\d.]+ img/s\)$", text, re.M), text
+    shards = len(list((tmp_path / "out").glob("*.tar")))
+    assert re.search(rf"^verify: \d+/{shards} shard \(\d+%\), .*, ETA \d+:\d\d:\d\d$", text, re.M), text
+    assert re.search(rf"^verify: {shards}/{shards} shard in ", text, re.M), text
+
+
 def test_help_documents_every_exit_code(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main(["--help"])

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from tqdm.auto import tqdm
 
 from launcher.config import TrainConfig, save_config, validate
+from launcher.progress import TrainProgress
 from launcher.train.build import RunParts, build_parts, startup_report
 from launcher.train.precision import configure_backends, resolve_device, resolve_precision
 from launcher.train.preemption import (
@@ -217,8 +217,9 @@ class Trainer:
         self.model.train()
         with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
             batches = iter(loader)
-        bar = tqdm(total=parts.updates_per_epoch, initial=prog.update, disable=not (self.main and cfg.progress),
-                   desc=f"epoch {prog.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+        bar = TrainProgress(epoch=prog.epoch, epochs=cfg.epochs, update=prog.update, step=prog.step,
+                            updates_per_epoch=parts.updates_per_epoch, max_steps=cfg.max_train_steps,
+                            enabled=self.main and cfg.progress, write=log.info)
         window_loss = torch.zeros((), device=device)
         window_steps, window_data, window_start = 0, 0.0, time.perf_counter()
         while prog.update < parts.updates_per_epoch:
@@ -260,7 +261,7 @@ class Trainer:
                 self.metrics.write("train", prog.step, epoch=prog.epoch + prog.update / parts.updates_per_epoch,
                                    loss=loss_value, lr=lr, img_per_s=images_done / elapsed,
                                    data_s=window_data, compute_s=elapsed - window_data)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_done / elapsed:.0f}")
+                bar.log(loss=loss_value, lr=lr, img_per_s=images_done / elapsed, data_share=window_data / elapsed)
                 window_loss.zero_()
                 window_steps, window_data, window_start = 0, 0.0, time.perf_counter()
             epoch_done = prog.update == parts.updates_per_epoch
