@@ -152,7 +152,7 @@ class ProgressMeter:
         """Extra fields (``skipped=3``): after the bar on a terminal, at the end of each line elsewhere."""
         self.postfix.update(values)
         if self._bar is not None:
-            self._bar.set_postfix(dict(self.postfix), refresh=False)
+            self._bar.set_postfix(dict(self.postfix))
 
     def write_line(self, text: str) -> None:
         """One plain line (lines mode only; the bar shows its own numbers)."""

@@ -136,3 +136,16 @@ def test_format_duration() -> None:
     assert [format_duration(s) for s in (0, 59.6, 3599, 3600 * 27 + 65, None, float("inf"))] == \
         ["0:00:00", "0:01:00", "0:59:59", "27:01:05", "?", "?"]
     assert re.fullmatch(r"\d+:\d\d:\d\d", format_duration(12345.6))
+
+
+@pytest.mark.parametrize("command", [["evaluate", "run"], ["predict", "run", "images"], ["export", "run"]])
+def test_commands_refuse_a_bad_progress_setting_first(command: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher.cli import main as launcher_main
+    from launcher.shardify.cli import main as shardify_main
+
+    monkeypatch.setenv(progress.MODE_ENV, "tty")
+    assert launcher_main(command) == 2
+    assert capsys.readouterr().err == "launcher: LAUNCHER_PROGRESS='tty' is not one of auto, bar, lines, off\n"
+    assert shardify_main(["verify", "nowhere"]) == 2
+    assert "shardify: error: LAUNCHER_PROGRESS='tty'" in capsys.readouterr().err
