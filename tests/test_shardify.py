@@ -403,6 +403,19 @@ def test_old_output_moved_aside_by_a_killed_publish_is_restored(tree: Path, tmp_
     assert not aside.exists() and verify_output(out, workers=1, progress=False).ok
 
 
+def test_shipped_digits_are_scikit_learns() -> None:
+    """The demo's digit scans ship with the package; they are exactly scikit-learn's load_digits()."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from launcher.data.sample_data import load_digits
+
+    images, targets = load_digits()
+    reference = sklearn_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == reference.images.dtype
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(targets, reference.target)
+
+
 @pytest.mark.slow
 def test_demo_command_runs_end_to_end(tmp_path: Path, capsys) -> None:
     from launcher.demo import main as demo_main
