@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"launcher: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from launcher.progress import check_environment
+
+    try:
+        check_environment()  # every command shows progress: refuse a bad LAUNCHER_PROGRESS* before any work
+    except ValueError as error:
+        print(f"launcher: {error}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[name][0])
     # Modules that host several commands (inference: evaluate + predict) expose `<name>_main`.
     entry = getattr(module, f"{name}_main", None) or module.main

@@ -74,7 +74,8 @@ class TrainConfig:
     weight_decay: float = _f(0.02, "weight decay (not applied to BN and bias)")
     momentum: float = _f(0.9, "SGD momentum (sgd only)")
     clip_grad: float | None = _f(None, "extra global grad-norm clip (LAMB already clips at 1.0 inside)")
-    warmup_epochs: int = _f(5, "linear warmup epochs (inside --epochs, as in timm)")
+    warmup_epochs: int = _f(5, "linear warmup epochs (inside --epochs, as in timm; shortened to epochs - 1 "
+                               "when the run is not longer)")
     warmup_lr: float = _f(1e-4, "learning rate at the start of warmup")
     min_lr: float = _f(1e-6, "final learning rate of the cosine decay")
     sched_on_updates: bool = _f(False, "step the LR schedule every optimizer update instead of every epoch")
@@ -125,7 +126,8 @@ class TrainConfig:
     name: str = _f("", "run name (default: <recipe>-<model>-<time>)")
     output: str = _f("", "run folder (default: runs/<name>)")
     recipe: str = _f("custom", "recipe this config came from (informational)")
-    progress: bool = _f(True, "progress bar on the main process")
+    progress: bool = _f(True, "progress on the main process: a bar on a terminal, one line per log interval "
+                              "in a file (LAUNCHER_PROGRESS=bar|lines forces one)")
     # --- short runs -------------------------------------------------------------------------------
     max_train_steps: int = _f(0, "stop after N optimizer steps in total (0 = run all epochs)")
     limit_train_batches: int = _f(0, "at most N optimizer steps per epoch; the schedule follows (0 = all)")
@@ -319,8 +321,6 @@ def validate(cfg: TrainConfig) -> None:
                  "lr_ref_batch"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0 (got {getattr(cfg, name)})")
     need(cfg.log_every > 0, f"log_every must be > 0 (got {cfg.log_every})")
-    need(cfg.warmup_epochs < cfg.epochs or cfg.warmup_epochs == 0,
-         f"warmup_epochs={cfg.warmup_epochs} must be smaller than epochs={cfg.epochs}")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number (got {cfg.lr})")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})")
     need(0 < cfg.crop_pct <= 1, f"crop_pct must be in (0, 1] (got {cfg.crop_pct})")
@@ -339,6 +339,12 @@ def validate(cfg: TrainConfig) -> None:
              f"global_batch={cfg.global_batch} is not divisible by micro_batch={cfg.micro_batch}")
         need(not mixing_enabled(cfg) or cfg.micro_batch % 2 == 0,
              f"micro_batch={cfg.micro_batch} must be even when mixup/cutmix is on (pairs are mixed)")
+    try:
+        from launcher.progress import check_environment
+
+        check_environment()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     need(cfg.resume in ("", "auto") or Path(cfg.resume).is_file(),
          f"resume={cfg.resume!r}: no such checkpoint file (use 'auto' or a path to a .pt file)")
 

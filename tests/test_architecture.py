@@ -81,6 +81,7 @@ def test_recipes_templates_and_configs_are_package_data() -> None:
     data = config["tool"]["setuptools"]["package-data"]
     assert "templates/*.sh" in data["launcher"]
     assert {"accelerate/*.yaml", "deepspeed/*.json"} <= set(data["launcher.recipes"])
+    assert data["launcher.data"] == ["digits.csv.gz"] and (PACKAGE / "data" / "digits.csv.gz").is_file()
     templates = {p.name for p in (PACKAGE / "templates").glob("*.sh")}
     assert templates == {"common.sh", "resnet101.sh", "resnet50.sh", "resnet18.sh", "finetune.sh"}
     for name in ("a1", "a2", "a3", "finetune"):

@@ -99,6 +99,21 @@ def test_bad_setting_is_one_line_naming_it(argv: list[str], needle: str, capsys:
     assert "\n" not in message
 
 
+def test_warmup_longer_than_the_run_is_accepted() -> None:
+    """A smoke test runs a recipe for 2 epochs; the scheduler shortens the recipe's 5 warmup epochs."""
+    cfg = parse_config(["--data", "d", "--epochs", "2"], load_recipe("a3"))
+    assert (cfg.epochs, cfg.warmup_epochs) == (2, 5)
+    with pytest.raises(ConfigError, match="warmup_epochs must be >= 0"):
+        parse_config(["--data", "d", "--warmup-epochs", "-1"], load_recipe("a3"))
+
+
+@pytest.mark.parametrize(("name", "value"), [("LAUNCHER_PROGRESS", "fancy"), ("LAUNCHER_PROGRESS_INTERVAL", "soon")])
+def test_bad_progress_environment_is_a_config_error(name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"{name}='{value}'"):
+        parse_config(["--data", "d"], load_recipe("a3"))
+
+
 def test_bad_yaml_key_names_file_and_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("epochs: 3\nlearning_rate: 0.1\n")

@@ -6,11 +6,14 @@ import dataclasses
 import json
 import os
 import random
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from engine_helpers import recipe_command, subprocess_env
 from torch import nn
 
 from launcher.train.batching import probe_micro_batch
@@ -173,3 +176,47 @@ def test_max_train_steps_stops_the_run_there(digits_shards: Path, tmp_path: Path
     assert summary["steps"] == limit and summary["stop_reason"] == f"max_train_steps={limit} reached"
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, limit + 1))
+
+
+@pytest.mark.slow
+def test_training_output_in_a_file_has_plain_eta_lines(digits_shards: Path, tmp_path: Path) -> None:
+    """Output to a file, as under SLURM / CI / nohup: no carriage-return frames, one line per log interval
+    with the ETAs, the evaluation and checkpoint lines. The same run checks two small things: the A3
+    recipe's 5 warmup epochs in a 2-epoch run are shortened with a warning, and a CPU run does not print
+    DeepSpeed's "Setting accelerator to CPU" (DeepSpeed is installed with the test extra)."""
+    command = recipe_command(
+        "a3", f"--data={digits_shards}", "--model=resnet18", "--img-size=16", "--test-img-size=0", "--epochs=2",
+        "--global-batch=8", "--micro-batch=8", "--limit-train-batches=2", "--limit-eval-batches=1", "--workers=0",
+        "--threads=1", "--log-every=1", "--auto-augment=none", "--precision=fp32", "--device=cpu",
+        f"--output={tmp_path / 'run'}")
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("LAUNCHER_PROGRESS")}
+    log_path = tmp_path / "job.out"
+    with open(log_path, "w") as log_file:
+        result = subprocess.run(command, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                timeout=600)
+    text = log_path.read_text()
+    assert result.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    progress = [line for line in text.splitlines() if line.startswith("epoch ")]
+    assert len(progress) == 4, text  # --log-every 1: 2 epochs x 2 updates
+    number = r"\d+\.\d+"
+    for line, (epoch, update, step) in zip(progress, [(1, 1, 1), (1, 2, 2), (2, 1, 3), (2, 2, 4)]):
+        assert re.fullmatch(rf"epoch {epoch}/2  update {update}/2  step {step}/4  loss {number}  lr {number}e-\d\d  "
+                            rf"{number} img/s  data wait \d+%  ETA epoch \d+:\d\d:\d\d, run \d+:\d\d:\d\d", line), line
+    assert progress[-1].endswith("ETA epoch 0:00:00, run 0:00:00")
+    assert len(re.findall(r"^eval val +step \d+: loss", text, re.M)) == 2
+    assert len(re.findall(r"^checkpoint: step \d+ -> ", text, re.M)) == 2
+    assert "warmup_epochs=5 is not shorter than epochs=2: warmup shortened to 1 epoch" in text
+    assert "Setting accelerator to CPU" not in text
+    assert (tmp_path / "run" / "train.log").read_text().count(" ETA epoch ") == 4
+
+
+def test_cpu_runs_name_deepspeeds_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.train.precision import configure_backends
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    configure_backends("cpu", deterministic=False, threads=0)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # the user's choice is kept
+    configure_backends("cpu", deterministic=False, threads=0)
+    assert os.environ["DS_ACCELERATOR"] == "xpu"

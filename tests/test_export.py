@@ -85,6 +85,20 @@ def test_export_errors(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "verified with torchvision.models.resnet18" in capsys.readouterr().out
 
 
+def test_export_takes_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`launcher export RUN`: best.pt by default, exported next to the run; --checkpoint picks another."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    make_checkpoint(run / "checkpoints" / "best.pt")
+    assert main([str(run)]) == 0
+    assert (run / "exports" / "best.safetensors").is_file()
+    meta = json.loads((run / "exports" / "best.safetensors.json").read_text())
+    assert meta["source_checkpoint"] == str(run / "checkpoints" / "best.pt")
+    capsys.readouterr()
+    assert main([str(run), "--checkpoint", "last"]) == 2
+    assert f"checkpoint not found: {run / 'checkpoints' / 'last.pt'}: only best.pt is there" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_finetuned_checkpoint_round_trip(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """finetune -> best.pt -> export -> plain torchvision model: same logits on real validation images."""

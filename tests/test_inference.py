@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,10 @@ import pytest
 import torch
 from finetune_helpers import finetuned_run
 
+from launcher.data.sample_data import DIGIT_CLASSES, make_digits_tree
 from launcher.inference.evaluate import classification_report, evaluate_main, predict_main
+from launcher.models import create_resnet
+from launcher.train.runs import resolve_checkpoint
 
 
 def test_classification_report_matches_sklearn() -> None:
@@ -97,3 +103,99 @@ def test_evaluate_then_predict(run: tuple[Path, Path, Path], tmp_path: Path,
     # A single image works too, and a folder without a val/ split evaluates its training images.
     assert predict_main([str(best), good[0]["file"], "--quiet"]) == 0
     assert "1 images predicted, 0 unreadable" in capsys.readouterr().out
+
+
+def make_run_folder(run: Path, data: Path) -> Path:
+    """A run folder as training leaves it (best.pt, a step checkpoint and last.pt linked to it, summary.json),
+    with untrained ResNet-18 weights for the ten digit classes at 16 px."""
+    torch.manual_seed(0)
+    config = {"model": "resnet18", "img_size": 16, "test_img_size": 0, "crop_pct": 0.95, "interpolation": "bicubic",
+              "num_classes": 10, "data": str(data)}
+    state = {"model": create_resnet("resnet18", 10).state_dict(), "config": config, "classes": DIGIT_CLASSES,
+             "epoch": 1, "step": 4}
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "best.pt")
+    torch.save({**state, "model": create_resnet("resnet18", 10).state_dict(), "step": 8}, folder / "step-00000008.pt")
+    os.link(folder / "step-00000008.pt", folder / "last.pt")
+    (run / "summary.json").write_text("{}\n")
+    return run
+
+
+def test_checkpoint_resolution_in_run_folders(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("best.pt", "last.pt", "step-00000008.pt"):
+        (folder / name).write_bytes(b"x")
+    assert resolve_checkpoint(run) == folder / "best.pt"
+    assert resolve_checkpoint(str(run), "last") == folder / "last.pt"
+    assert resolve_checkpoint(run, "step-00000008.pt") == folder / "step-00000008.pt"
+    assert resolve_checkpoint(folder, "best") == folder / "best.pt"  # the checkpoints/ folder itself
+    assert resolve_checkpoint(folder / "last.pt") == folder / "last.pt"  # a file stays a file
+    with pytest.raises(ValueError, match="--checkpoint last picks a checkpoint inside a run folder"):
+        resolve_checkpoint(folder / "best.pt", "last")
+    with pytest.raises(FileNotFoundError, match="neither .*step-9.pt nor step-9.pt exists"):
+        resolve_checkpoint(run, "step-9.pt")
+    with pytest.raises(FileNotFoundError, match="is neither a checkpoint file nor a run folder"):
+        resolve_checkpoint(tmp_path / "typo")
+    with pytest.raises(FileNotFoundError, match="is not a run folder"):
+        resolve_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(("files", "which", "reason"), [
+    ([], "best", r"no checkpoint written yet: the training is in its first epoch .*\(train.log last written \d+ s ago\)"),
+    (["checkpoints/last.pt"], "best", "no evaluation has finished yet: the training is still running or stopped early"),
+    (["checkpoints/last.pt", "summary.json"], "best", r"no validation split\), so it wrote no best.pt; use --checkpoint last"),
+    (["checkpoints/last.pt", "PREEMPTED"], "best", "preempted before its first evaluation"),
+    (["checkpoints/best.pt"], "last", "only best.pt is there; use --checkpoint best"),
+])
+def test_a_missing_checkpoint_says_why(tmp_path: Path, files: list[str], which: str, reason: str) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "train.log").write_text("started\n")
+    for name in files:
+        (run / name).write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_checkpoint(run, which)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint not found: {run / 'checkpoints' / (which + '.pt')}: ") and "\n" not in message
+    assert re.search(reason, message), message
+
+
+def test_evaluate_predict_take_a_run_folder_and_log_plain_lines(
+        digits_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`launcher evaluate RUN` (best.pt, the run's own data) with stderr in a file: lines with ETA, no '\\r'."""
+    run = make_run_folder(tmp_path / "run", digits_shards)
+    monkeypatch.delenv("LAUNCHER_PROGRESS", raising=False)  # the mode follows stderr
+    monkeypatch.setenv("LAUNCHER_PROGRESS_INTERVAL", "0")  # a line per batch: this takes seconds, not 30
+    log_path = tmp_path / "job.err"
+    with open(log_path, "w") as log_file:
+        monkeypatch.setattr(sys, "stderr", log_file)
+        assert evaluate_main([str(run), "--workers", "0", "--batch-size", "64"]) == 0
+        monkeypatch.undo()
+    text = log_path.read_text()
+    assert "\r" not in text
+    assert re.search(r"^evaluate validation: 1/5 batch \(20%\), [\d.]+ batch/s, ETA \d+:\d\d:\d\d$", text, re.M), text
+    assert re.search(r"^evaluate validation: 5/5 batch in \d+:\d\d:\d\d", text, re.M), text
+    assert f"note: evaluating on the checkpoint's training data {digits_shards}" in capsys.readouterr().out
+    metrics = json.loads((run / "eval_validation" / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(run / "checkpoints" / "best.pt") and metrics["images"] == 269
+
+    assert evaluate_main([str(run), "--checkpoint", "last", "--workers", "0", "--output", str(tmp_path / "e"),
+                          "--quiet"]) == 0
+    last = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert last["checkpoint"] == str(run / "checkpoints" / "last.pt") and last["loss"] != metrics["loss"]
+
+    images = tmp_path / "images"
+    make_digits_tree(images, size=16, per_class=1)
+    for which, expected in ((None, "best.pt"), ("step-00000008.pt", "step-00000008.pt")):
+        out = tmp_path / f"pred-{expected}.json"
+        argv = [str(run), str(images), "--quiet", "--json", str(out)] + (["--checkpoint", which] if which else [])
+        assert predict_main(argv) == 0
+        assert json.loads(out.read_text())["checkpoint"] == str(run / "checkpoints" / expected)
+    assert "10 images predicted, 0 unreadable" in capsys.readouterr().out
+
+    (run / "checkpoints" / "best.pt").unlink()
+    assert evaluate_main([str(run), "--workers", "0"]) == 2
+    assert "use --checkpoint last" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from launcher.models.optim import (
     create_loss,
     create_optimizer,
     create_scheduler,
+    fit_warmup,
     lr_scale_rule,
     param_groups,
     scaled_lr,
@@ -195,10 +197,41 @@ def test_cooldown_epochs_run_at_min_lr():
         assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)
 
 
+@pytest.mark.parametrize("on_updates", [False, True])
+def test_warmup_not_shorter_than_the_run_is_shortened_to_epochs_minus_one(on_updates: bool) -> None:
+    """A3's 5 warmup epochs in a 2-epoch smoke run: 1 warmup epoch, then timm's cosine, and a warning."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("launcher.models.optim")
+    logger.addHandler(handler)
+    try:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=8e-3)
+        sched = create_scheduler(opt, epochs=2, updates_per_epoch=3, warmup_epochs=5, warmup_lr=1e-4, min_lr=1e-6,
+                                 on_updates=on_updates)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.levelno for r in records] == [logging.WARNING]
+    message = records[0].getMessage()
+    assert "warmup_epochs=5" in message and "epochs=2" in message and "shortened to 1 epoch" in message
+    scale = 3 if on_updates else 1
+    reference = CosineLRScheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=8e-3), t_initial=2 * scale,
+                                  lr_min=1e-6, warmup_t=1 * scale, warmup_lr_init=1e-4, t_in_epochs=not on_updates)
+    for t in range(2 * scale):
+        if on_updates:
+            sched.step_update(num_updates=t)
+        else:
+            sched.step(t)
+        assert opt.param_groups[0]["lr"] == pytest.approx(reference._get_lr(t)[0], rel=1e-12)
+    # the last epoch is in the cosine phase: half-way down from the peak
+    assert reference._get_lr(1 * scale)[0] == pytest.approx((8e-3 + 1e-6) / 2)
+    assert (fit_warmup(5, 5), fit_warmup(5, 1), fit_warmup(2, 3), fit_warmup(0, 1)) == (4, 0, 2, 0)
+
+
 def test_schedule_rejects_bad_lengths():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="warmup_epochs"):
-        create_scheduler(opt, epochs=5, updates_per_epoch=1, warmup_epochs=5, warmup_lr=0, min_lr=0)
+        create_scheduler(opt, epochs=5, updates_per_epoch=1, warmup_epochs=-1, warmup_lr=0, min_lr=0)
     with pytest.raises(ValueError, match="updates_per_epoch"):
         create_scheduler(opt, epochs=5, updates_per_epoch=0, warmup_epochs=1, warmup_lr=0, min_lr=0,
                          on_updates=True)

@@ -321,6 +321,26 @@ def test_verify_passes_then_catches_a_truncated_shard(tree: Path, tmp_path: Path
     assert problems and all("out-train-000001.tar" in problem for problem in problems)
 
 
+def test_progress_in_a_log_file_is_plain_lines_with_eta(tree: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr is a file (SLURM, CI, nohup): no carriage-return frames, lines with the ETA, a final line each."""
+    monkeypatch.delenv("LAUNCHER_PROGRESS", raising=False)  # the mode follows stderr
+    monkeypatch.setenv("LAUNCHER_PROGRESS_INTERVAL", "0")  # a line per update: this job takes a second, not 30
+    log_path = tmp_path / "job.err"
+    with open(log_path, "w") as log_file:
+        monkeypatch.setattr(sys, "stderr", log_file)
+        code = main([str(tree), "--out", str(tmp_path / "out"), "--workers", "1", "--shard-count", "4", "--verify"])
+        monkeypatch.undo()
+    text = log_path.read_text()
+    assert code == EXIT_OK and "\r" not in text
+    images = len(source_images(tree))
+    assert re.search(rf"^shardify: \d+/{images} img \(\d+%\), [\d.]+ img/s, ETA \d+:\d\d:\d\d$", text, re.M), text
+    assert re.search(rf"^shardify: {images}/{images} img in \d+:\d\d:\d\d \([\d.]+ img/s\)$", text, re.M), text
+    shards = len(list((tmp_path / "out").glob("*.tar")))
+    assert re.search(rf"^verify: \d+/{shards} shard \(\d+%\), .*, ETA \d+:\d\d:\d\d$", text, re.M), text
+    assert re.search(rf"^verify: {shards}/{shards} shard in ", text, re.M), text
+
+
 def test_help_documents_every_exit_code(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main(["--help"])
@@ -381,6 +401,19 @@ def test_old_output_moved_aside_by_a_killed_publish_is_restored(tree: Path, tmp_
     out.rename(aside)  # the state a kill between the two renames of publish leaves
     assert main([str(tree), "--out", str(out), "--quiet", "--workers", "1"]) == EXIT_USAGE  # restored, so it exists
     assert not aside.exists() and verify_output(out, workers=1, progress=False).ok
+
+
+def test_shipped_digits_are_scikit_learns() -> None:
+    """The demo's digit scans ship with the package; they are exactly scikit-learn's load_digits()."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from launcher.data.sample_data import load_digits
+
+    images, targets = load_digits()
+    reference = sklearn_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == reference.images.dtype
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(targets, reference.target)
 
 
 @pytest.mark.slow

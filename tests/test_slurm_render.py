@@ -96,8 +96,8 @@ def test_bad_settings_are_named(job: SlurmJob, message: str) -> None:
         render(job)
 
 
-def resolve(tmp_path: Path, **env: str) -> dict[str, object]:
-    """Run slurm_resolve from common.sh with fake Slurm variables; return what it decided."""
+def run_resolve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run slurm_resolve from common.sh with fake Slurm variables (no GPU unless they say so)."""
     script = """
 source "$LAUNCHER_HOME/slurm/common.sh"
 scontrol() { echo n7; echo n8; }   # `scontrol show hostnames` on a fake allocation
@@ -107,8 +107,14 @@ printf '%s\\0' "$NUM_PROCESSES" "$PROCS_PER_NODE" "$DEVICE" "$MASTER_ADDR" "$MAS
 """
     base = {"PATH": "/usr/bin:/bin", "LAUNCHER_HOME": str(REPO), "RECIPE": "a2", "DATA": str(tmp_path),
             "SLURM_JOB_ID": "123456", "SLURM_JOB_NAME": "rn", "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "1",
-            "SLURM_JOB_NODELIST": "n[7-8]", "PYTHON": "/usr/bin/python3", "RUNS_DIR": str(tmp_path / "runs")}
-    result = subprocess.run(["bash", "-c", script], env={**base, **env}, cwd=tmp_path, capture_output=True, text=True)
+            "SLURM_JOB_NODELIST": "n[7-8]", "PYTHON": "/usr/bin/python3", "RUNS_DIR": str(tmp_path / "runs"),
+            "SLURM_GPUS_ON_NODE": "0"}  # what a CPU node says, whatever this machine has
+    return subprocess.run(["bash", "-c", script], env={**base, **env}, cwd=tmp_path, capture_output=True, text=True)
+
+
+def resolve(tmp_path: Path, **env: str) -> dict[str, object]:
+    """Run slurm_resolve from common.sh with fake Slurm variables; return what it decided."""
+    result = run_resolve(tmp_path, **env)
     assert result.returncode == 0, result.stderr
     fields = result.stdout.split("\0")[:-1]
     n_launch = int(fields[7])
@@ -144,6 +150,35 @@ def test_cpu_nodes_use_one_process_and_force_accelerate_cpu(tmp_path: Path) -> N
     train = single["train"]
     assert f"--data={tmp_path / 'shards' / 'x'}" in train
     assert single["output"] == str(tmp_path / "runs" / "mine")
+
+
+@pytest.mark.parametrize("variable", ["GPUS_PER_NODE", "PROCS_PER_NODE"])
+def test_zero_processes_per_node_on_cpu_means_one(tmp_path: Path, variable: str) -> None:
+    """`GPUS_PER_NODE=0 DEVICE=cpu sbatch ...` on a CPU partition: one gloo rank per node, said in the log."""
+    got = resolve(tmp_path, DEVICE="cpu", **{variable: "0"})
+    assert got["procs_per_node"] == 1 and got["num_processes"] == 2 and got["use_cpu"] == "true"
+    assert f"{variable}=0 with DEVICE=cpu: 1 process per node" in str(got["log"])
+    # a CPU node without DEVICE set decides cpu by itself (no GPU visible)
+    auto = resolve(tmp_path, GPUS_PER_NODE="0")
+    assert auto["device"] == "cpu" and auto["procs_per_node"] == 1
+    # PROCS_PER_NODE wins over its alias; an explicit count on CPU is kept
+    both = resolve(tmp_path, DEVICE="cpu", PROCS_PER_NODE="3", GPUS_PER_NODE="0")
+    assert both["procs_per_node"] == 3 and both["num_processes"] == 6
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SLURM_GPUS_ON_NODE": "4", "GPUS_PER_NODE": "0"},
+     "GPUS_PER_NODE=0 with DEVICE=cuda leaves no training process on this node (4 GPU(s) visible)"),
+    ({"DEVICE": "cuda", "PROCS_PER_NODE": "0", "SLURM_GPUS_ON_NODE": "2"}, "PROCS_PER_NODE=0 with DEVICE=cuda"),
+    ({"DEVICE": "cpu", "GPUS_PER_NODE": "two"}, "GPUS_PER_NODE=two is not a number of processes per node"),
+    ({"DEVICE": "cuda"}, "DEVICE=cuda but no GPU is visible on this node"),
+])
+def test_bad_process_counts_are_named(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    result = run_resolve(tmp_path, **env)
+    assert result.returncode == 2 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "not set" not in errors[0]  # the old message claimed both variables were unset
 
 
 def test_deepspeed_config_goes_through_accelerate_without_ssh(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """`launcher evaluate` and `launcher predict`: use a training checkpoint on new images.
 
-A checkpoint (``runs/RUN/checkpoints/best.pt``) carries the weights, the resolved config and the
+A checkpoint (``runs/RUN/checkpoints/best.pt``; a run folder ``runs/RUN`` means its ``best.pt``, see
+:func:`launcher.train.runs.resolve_checkpoint`) carries the weights, the resolved config and the
 class names, so both commands need nothing else: the model is rebuilt from ``config["model"]`` and
 ``config["num_classes"]``, images are prepared exactly like the engine's validation images
 (resize the shorter side to ``img_size / crop_pct``, center crop ``img_size``, ImageNet
@@ -26,7 +27,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from launcher.finetune.modelcards import IMAGE_EXTENSIONS
+from launcher.progress import track
 from launcher.train.checkpoints import load_checkpoint
+from launcher.train.runs import CHECKPOINT_HELP, WHICH_HELP, resolve_checkpoint
 
 
 @dataclass
@@ -79,10 +82,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Rebuild the model of a checkpoint in eval mode (strict load: every tensor must match)."""
+def load_model(path: str | Path, device: str = "auto", which: str | None = None) -> LoadedModel:
+    """Rebuild the model of a checkpoint (or a run folder's, see ``resolve_checkpoint``) in eval mode.
+
+    The load is strict: every tensor must match.
+    """
     from launcher.models import create_resnet
 
+    path = resolve_checkpoint(path, which)
     checkpoint = read_checkpoint(path)
     config = dict(checkpoint["config"])
     state = {key.removeprefix("module.").removeprefix("_orig_mod."): value
@@ -160,15 +167,21 @@ def _label_map(dataset_classes: list[str], model_classes: list[str], spec: str) 
     return torch.tensor([index[name] for name in dataset_classes], dtype=torch.long)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str, *, split: str = "validation", batch_size: int = 64,
+def evaluate_checkpoint(checkpoint: str | Path, data: str | None, *, split: str = "validation", batch_size: int = 64,
                         img_size: int | None = None, workers: int = 2, device: str = "auto",
                         output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Loss, top-1/top-5, per-class metrics and the confusion matrix of a checkpoint on a dataset split."""
-    from tqdm import tqdm
+    """Loss, top-1/top-5, per-class metrics and the confusion matrix of a checkpoint on a dataset split.
 
+    ``data=None`` evaluates on the dataset the checkpoint was trained on (its config's ``data``).
+    """
     from launcher.data import build_eval_loader, open_dataset
 
     loaded = load_model(checkpoint, device)
+    if not data:
+        data = str(loaded.config.get("data") or "")
+        if not data:
+            raise ValueError(f"{loaded.path} does not record its training data; pass --data")
+        print(f"note: evaluating on the checkpoint's training data {data}")
     dataset = open_dataset(data)
     if not dataset.has_split(split):
         fallback = "train" if dataset.has_split("train") else None
@@ -188,7 +201,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, *, split: str = "vali
     loss_sum, top5_hits, seen = 0.0, 0, 0
     topk = min(5, num_classes)
     total = math.ceil(dataset.num_samples(split) / batch_size)
-    for images, labels in tqdm(loader, total=total, desc=f"evaluate {split}", disable=not progress, unit="batch"):
+    for images, labels in track(loader, total=total, desc=f"evaluate {split}", unit="batch", enabled=progress):
         logits = loaded.logits(images).cpu()
         targets = label_map[labels]
         loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
@@ -202,7 +215,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, *, split: str = "vali
     report = classification_report(matrix)
     present = report["support"] > 0
     metrics: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "data": str(data), "split": split, "images": seen, "img_size": size,
+        "checkpoint": str(loaded.path), "data": str(data), "split": split, "images": seen, "img_size": size,
         "loss": loss_sum / seen, "top1": 100.0 * float(np.trace(matrix)) / seen, "top5": 100.0 * top5_hits / seen,
         "top5_k": topk,
         "macro_precision": float(report["precision"][present].mean()),
@@ -211,7 +224,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, *, split: str = "vali
         "per_class": {name: {key: float(report[key][i]) for key in ("precision", "recall", "f1", "support")}
                       for i, name in enumerate(loaded.classes)},
     }
-    out = Path(output) if output else default_output(Path(checkpoint), f"eval_{split}")
+    out = Path(output) if output else default_output(loaded.path, f"eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(out / "confusion.csv", "w", newline="") as handle:
@@ -246,19 +259,23 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launcher evaluate", description=(
         "Evaluate a checkpoint on a dataset split: loss, top-1/top-5, per-class precision/recall/F1 and "
         "the confusion matrix (CSV + PNG)."))
-    parser.add_argument("checkpoint", help="a training checkpoint, e.g. runs/RUN/checkpoints/best.pt")
-    parser.add_argument("--data", required=True, help="class-folder tree, shard folder or URL pattern")
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    parser.add_argument("--checkpoint", dest="which", default=None, help=WHICH_HELP)
+    parser.add_argument("--data", default="", help="class-folder tree, shard folder or URL pattern "
+                        "(default: the data the checkpoint was trained on)")
     parser.add_argument("--split", default="validation", help="split to evaluate (default validation)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=0, help="evaluation resolution (default: the checkpoint's)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--output", default="", help="folder for the results (default: <run>/eval_<split>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar / progress lines")
     args = parser.parse_args(argv)
     try:
-        metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+        checkpoint = resolve_checkpoint(args.checkpoint, args.which)
+        metrics = evaluate_checkpoint(checkpoint, args.data or None, split=args.split, batch_size=args.batch_size,
                                       img_size=args.img_size or None, workers=args.workers, device=args.device,
-                                      output=args.output or None)
+                                      output=args.output or None, progress=not args.quiet)
     except (FileNotFoundError, ValueError) as error:
         print(f"launcher evaluate: {error}", file=sys.stderr)
         return 2
@@ -308,13 +325,11 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[in
 def predict_images(loaded: LoadedModel, paths: list[Path], *, topk: int = 5, batch_size: int = 32,
                    workers: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """One record per file: ``{"file", "predictions": [{"class", "probability"}...], "error"}``."""
-    from tqdm import tqdm
-
     k = max(1, min(topk, len(loaded.classes)))
     loader = torch.utils.data.DataLoader(_ImageFiles(paths, loaded.eval_transform()), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     records: list[dict[str, Any]] = [{"file": str(path), "predictions": [], "error": ""} for path in paths]
-    for indices, images, errors in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+    for indices, images, errors in track(loader, total=len(loader), desc="predict", unit="batch", enabled=progress):
         for index, error in errors.items():
             records[index]["error"] = error
         if images is None:
@@ -356,8 +371,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launcher predict", description=(
         "Top-k classes with probabilities for one image or every image under a folder. Unreadable "
         "images are reported and skipped."))
-    parser.add_argument("checkpoint", help="a training checkpoint, e.g. runs/RUN/checkpoints/best.pt")
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("images", help="an image file or a folder (searched recursively)")
+    parser.add_argument("--checkpoint", dest="which", default=None, help=WHICH_HELP)
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="decoding worker processes (0 = in this process)")
@@ -369,7 +385,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.topk < 1 or args.batch_size < 1:
             raise ValueError("--topk and --batch-size must be >= 1")
-        loaded = load_model(args.checkpoint, args.device)
+        loaded = load_model(args.checkpoint, args.device, which=args.which)
         paths = collect_images(args.images)
     except (FileNotFoundError, ValueError) as error:
         print(f"launcher predict: {error}", file=sys.stderr)
@@ -385,7 +401,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     if args.csv:
         write_predictions_csv(records, Path(args.csv), k)
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "classes": loaded.classes,
+        Path(args.json).write_text(json.dumps({"checkpoint": str(loaded.path), "classes": loaded.classes,
                                                "predictions": records}, indent=2) + "\n")
     failed = sum(1 for record in records if record["error"])
     print(f"{len(records) - failed} images predicted, {failed} unreadable"

@@ -28,6 +28,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from launcher.inference.evaluate import LoadedModel, default_output, load_model
+from launcher.train.runs import CHECKPOINT_HELP, WHICH_HELP, resolve_checkpoint
 
 FORMATS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 # A small input keeps verification quick (the ONNX reference evaluator is pure numpy); ResNets are
@@ -135,7 +136,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     loaded = load_model(checkpoint, device="cpu")
-    path = Path(out) if out else default_output(Path(checkpoint), "exports") / f"{Path(checkpoint).stem}{FORMATS[fmt]}"
+    path = Path(out) if out else default_output(loaded.path, "exports") / f"{loaded.path.stem}{FORMATS[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = export_metadata(loaded, fmt)
     if fmt == "safetensors":
@@ -157,12 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launcher export", description=(
         "Export a training checkpoint and check that the export gives the checkpoint's logits. "
         "safetensors loads into plain torchvision.models.<name>(num_classes=N) or timm.create_model."))
-    parser.add_argument("checkpoint", help="a training checkpoint, e.g. runs/RUN/checkpoints/best.pt")
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    parser.add_argument("--checkpoint", dest="which", default=None, help=WHICH_HELP)
     parser.add_argument("--format", choices=sorted(FORMATS), default="safetensors")
     parser.add_argument("--out", default="", help="output file (default: <run>/exports/<checkpoint><ext>)")
     args = parser.parse_args(argv)
     try:
-        result = export_checkpoint(args.checkpoint, args.format, args.out or None)
+        result = export_checkpoint(resolve_checkpoint(args.checkpoint, args.which), args.format, args.out or None)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"launcher export: {error}", file=sys.stderr)
         return 2

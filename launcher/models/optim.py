@@ -18,10 +18,13 @@
       sched.step(epoch + 1)                        # at the end of every epoch
 
   On resume call :func:`sync_scheduler` once with the restored (epoch, step) before training.
+* A warmup as long as the run or longer is shortened to ``epochs - 1`` with a warning
+  (:func:`fit_warmup` says why).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -39,12 +42,15 @@ __all__ = [
     "create_loss",
     "create_optimizer",
     "create_scheduler",
+    "fit_warmup",
     "lr_scale_rule",
     "param_groups",
     "scaled_lr",
     "scheduled_epochs",
     "sync_scheduler",
 ]
+
+log = logging.getLogger("launcher.models.optim")
 
 OPTIMIZER_NAMES = ("lamb", "adamw", "sgd")
 _LAMB_FAMILY = ("lamb", "lambc", "lambw", "lambcw")
@@ -122,13 +128,17 @@ def create_scheduler(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if on_updates and updates_per_epoch < 1:
         raise ValueError(f"updates_per_epoch must be >= 1 for per-update scheduling, got {updates_per_epoch}")
-    if not 0 <= warmup_epochs < epochs:
-        raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}), got {warmup_epochs}")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    fitted = fit_warmup(warmup_epochs, epochs)
+    if fitted != warmup_epochs:
+        log.warning("warmup_epochs=%g is not shorter than epochs=%d: warmup shortened to %g epoch(s), so the run "
+                    "still reaches the cosine phase", warmup_epochs, epochs, fitted)
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched="cosine",
         num_epochs=epochs,
-        warmup_epochs=warmup_epochs,
+        warmup_epochs=fitted,
         warmup_lr=warmup_lr,
         min_lr=min_lr,
         cooldown_epochs=cooldown_epochs,
@@ -136,6 +146,17 @@ def create_scheduler(
         updates_per_epoch=updates_per_epoch,
     )
     return scheduler
+
+
+def fit_warmup(warmup_epochs: float, epochs: int) -> float:
+    """The warmup a run of ``epochs`` gets: ``warmup_epochs``, shortened to ``epochs - 1`` if not shorter.
+
+    timm's ``CosineLRScheduler`` accepts a warmup as long as the run or longer, and then every epoch is
+    warmup: the LR only climbs, never reaches the peak and never decays (A3's 5 warmup epochs in a
+    2-epoch run: 1e-4, then 1.7e-3 of a peak of 8e-3). Shortened to ``epochs - 1``, a short run (a smoke
+    test, a quick fine-tune) keeps the recipe's shape: a linear warmup, then the cosine phase.
+    """
+    return min(warmup_epochs, max(0, epochs - 1))
 
 
 def scheduled_epochs(epochs: int, cooldown_epochs: int = 0) -> int:

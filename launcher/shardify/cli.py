@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from launcher.progress import check_environment
 from launcher.shardify.pipeline import (
     EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_USAGE,
     EXIT_VERIFY_FAILED,
     ShardifyError,
     ShardifyOptions,
@@ -107,6 +109,11 @@ def run_verify(out_dir: str | Path, *, workers: int = 0, progress: bool = True) 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        check_environment()
+    except ValueError as error:
+        _log(f"error: {error}")
+        return EXIT_USAGE
     if argv[:1] == ["verify"]:
         verify_args = build_verify_parser().parse_args(argv[1:])
         return run_verify(verify_args.dir, workers=verify_args.workers, progress=not verify_args.quiet)

@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tqdm import tqdm
-
 from launcher import __version__
 from launcher.data.folders import SourceError, SourceFile, SourcePlan, plan_source, samples_per_shard_cap
 from launcher.data.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, ImagePolicy
+from launcher.progress import ProgressMeter
 from launcher.shardify.encode import (
     BlockResult,
     BlockRunner,
@@ -95,7 +94,7 @@ class ShardifyOptions:
     workers: int = 0  # processes decoding images (0: all available cores)
     overwrite: bool = False
     strict: bool = False  # any skipped file fails the run (exit 3) before anything is published
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # a bar on a terminal, periodic lines in a log (launcher.progress)
 
     def policy(self) -> ImagePolicy:
         return ImagePolicy(quality=self.quality, max_side=self.max_side, max_pixels=self.max_pixels)
@@ -243,21 +242,22 @@ def _write(plan: SourcePlan, staging: OutputStaging, options: ShardifyOptions, s
         # Threads only now that the worker processes exist.
         syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
         syncs: list[Future[None]] = []
-        bar = tqdm(total=plan.num_files, unit="img", desc="shardify", disable=None if options.progress else True)
+        bar = ProgressMeter(plan.num_files, "shardify", "img", enabled=options.progress)
         try:
             for block in runner.run(tasks, bar.update):
                 results[(block.split, block.block)] = block
                 # Flush finished shards to disk in the background while encoding goes on.
                 syncs += [syncer.submit(fsync_file, staging.staging / shard.temp_name) for shard in block.shards]
                 if block.skipped:
-                    bar.set_postfix_str(f"skipped {sum(len(r.skipped) for r in results.values())}", refresh=False)
+                    bar.set_postfix(skipped=sum(len(r.skipped) for r in results.values()))
                     if options.strict:
                         _, relpath, reason, detail = block.skipped[0]
                         raise StrictFailure(f"--strict: {relpath}: {reason}: {detail}")
             for sync in syncs:
                 sync.result()  # re-raises a failed flush (disk full, I/O error)
-        finally:
             bar.close()
+        finally:
+            bar.close(completed=False)  # after an error: no "done" line
             syncer.shutdown(wait=True)
 
     # Everything is written: number the shards and gather the counts in plan order.

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from launcher.data.images import ImageRejected, decode_bytes
+from launcher.progress import ProgressMeter
 from launcher.shardify.encode import available_cores, pool_context
 from launcher.shardify.writer import INFO_NAME
 
@@ -174,18 +173,17 @@ def verify(out_dir: str | Path, *, workers: int | None = None, progress: bool = 
             problems.append(f"{INFO_NAME}: split {split} has inconsistent filenames/shard_lengths/num_samples")
         tasks += [(out_dir / name, split, len(classes), size) for name, size in zip(filenames, sizes)]
     workers = max(1, min(workers or available_cores(), len(tasks) or 1))
-    bar = tqdm(total=len(tasks), unit="shard", desc="verify", disable=None if progress else True)
     checks: list[ShardCheck] = []
-    if workers == 1:
-        for task in tasks:
-            checks.append(_check_shard_task(task))
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
-            for check in pool.map(_check_shard_task, tasks):
-                checks.append(check)
+    with ProgressMeter(len(tasks), "verify", "shard", enabled=progress) as bar:
+        if workers == 1:
+            for task in tasks:
+                checks.append(_check_shard_task(task))
                 bar.update(1)
-    bar.close()
+        else:
+            with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
+                for check in pool.map(_check_shard_task, tasks):
+                    checks.append(check)
+                    bar.update(1)
 
     found_counts: dict[str, Counter[int]] = {split: Counter() for split in splits}
     found_samples = dict.fromkeys(splits, 0)

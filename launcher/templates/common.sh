@@ -30,6 +30,8 @@
 #   EXTRA_ARGS      more recipe flags, e.g. "--epochs 100 --global-batch 1024 --report-to wandb"
 #   PROCS_PER_NODE  training processes per node (alias GPUS_PER_NODE); default: SLURM_GPUS_ON_NODE,
 #                   else the visible CUDA devices, else nvidia-smi's count; 1 when training on CPU
+#                   (where 0, e.g. GPUS_PER_NODE=0 on a CPU partition, also means 1: a CPU rank uses
+#                   the task's cores through threads)
 #   DEVICE          auto | cuda | cpu (default auto: cuda when the node has GPUs). cpu sets
 #                   ACCELERATE_USE_CPU=true (gloo): without it every rank would run as a world of one
 #   ACCELERATE_CONFIG  an accelerate config file, e.g. recipes/accelerate/deepspeed_zero2.yaml for
@@ -120,17 +122,36 @@ slurm_resolve() {
         *) slurm_log "error: DEVICE=$device (expected auto, cuda or cpu)"; return 2 ;;
     esac
     DEVICE="$device"
+    # Processes per node: PROCS_PER_NODE, else its alias GPUS_PER_NODE (an empty value counts as unset).
+    local procs="${PROCS_PER_NODE:-}" procs_from=PROCS_PER_NODE
+    if [[ -z "$procs" && -n "${GPUS_PER_NODE:-}" ]]; then
+        procs="$GPUS_PER_NODE"
+        procs_from=GPUS_PER_NODE
+    fi
+    if [[ -n "$procs" ]] && ! [[ "$procs" =~ ^[0-9]+$ ]]; then
+        slurm_log "error: $procs_from=$procs is not a number of processes per node (expected 1, 2, ...)"
+        return 2
+    fi
     if [[ "$DEVICE" == cpu ]]; then
         # accelerate needs this on CPU-only nodes, or each rank silently trains alone (world of one).
         export ACCELERATE_USE_CPU=true
-        PROCS_PER_NODE="${PROCS_PER_NODE:-${GPUS_PER_NODE:-1}}"
-    else
-        PROCS_PER_NODE="${PROCS_PER_NODE:-${GPUS_PER_NODE:-$gpus}}"
-    fi
-    if ! [[ "$PROCS_PER_NODE" =~ ^[1-9][0-9]*$ ]]; then
-        slurm_log "error: no GPU found on this node and PROCS_PER_NODE/GPUS_PER_NODE not set (DEVICE=$DEVICE); set DEVICE=cpu or request GPUs"
+        if [[ -z "$procs" ]]; then
+            procs=1
+        elif ((10#$procs == 0)); then
+            slurm_log "note: $procs_from=$procs with DEVICE=cpu: 1 process per node (it uses the task's CPUs as threads)"
+            procs=1
+        fi
+    elif [[ -z "$procs" ]]; then
+        if ((gpus == 0)); then
+            slurm_log "error: DEVICE=$DEVICE but no GPU is visible on this node (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES, nvidia-smi); request GPUs (--gpus-per-node) or set DEVICE=cpu"
+            return 2
+        fi
+        procs="$gpus"
+    elif ((10#$procs == 0)); then
+        slurm_log "error: $procs_from=$procs with DEVICE=$DEVICE leaves no training process on this node ($gpus GPU(s) visible); set $procs_from to the GPUs per node, or DEVICE=cpu for a CPU run"
         return 2
     fi
+    PROCS_PER_NODE=$((10#$procs))
     NUM_PROCESSES=$((NNODES * PROCS_PER_NODE))
 
     local first_host

@@ -219,6 +219,7 @@ def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, 
                    resumed_from: Path | None, step: int) -> list[str]:
     """The resolved numbers, in one readable block."""
     from launcher.models import model_info
+    from launcher.models.optim import fit_warmup
 
     info = model_info(parts.model)
     world = accelerator.num_processes
@@ -242,7 +243,8 @@ def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, 
         f"{parts.accumulation} x world {world}; micro-batch {parts.choices['micro_batch']}",
         f"  schedule    {cfg.epochs} epochs x {parts.updates_per_epoch} updates (ceil({parts.train_samples} / "
         f"{cfg.global_batch}): every image at least once per epoch) = {total_updates} updates; "
-        f"warmup {cfg.warmup_epochs} epochs from {cfg.warmup_lr:g}, cosine to {cfg.min_lr:g}, stepped {sched}",
+        f"warmup {fit_warmup(cfg.warmup_epochs, cfg.epochs):g} epochs from {cfg.warmup_lr:g}, cosine to "
+        f"{cfg.min_lr:g}, stepped {sched}",
         f"  lr          {parts.lr:.4g} ({cfg.lr_rule()})",
         f"  optimizer   {cfg.opt}, weight decay {cfg.weight_decay:g} (none on BN/bias); loss {cfg.loss}{thresh}, "
         f"smoothing {cfg.smoothing:g}; {mix}; drop-path {cfg.drop_path:g}; EMA {'on' if cfg.model_ema else 'off'}",

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from tqdm.auto import tqdm
 
 from launcher.config import TrainConfig, save_config, validate
+from launcher.progress import TrainProgress
 from launcher.train.accelerator import clean_step_folders, create_accelerator
 from launcher.train.build import build_parts, startup_report
 from launcher.train.checkpoints import CheckpointWriter
@@ -219,7 +219,7 @@ class Trainer:
         self.metrics.write("train", prog.step, epoch=prog.epoch + prog.update / parts.updates_per_epoch,
                            loss=loss_value, lr=lr, img_per_s=images_done / elapsed, data_s=data_seconds,
                            compute_s=elapsed - data_seconds)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_done / elapsed:.0f}")
+        bar.log(loss=loss_value, lr=lr, img_per_s=images_done / elapsed, data_share=data_seconds / elapsed)
         if self.main:
             self.ckpt.check()  # a failed background write stops the run here, not at the end
         return Window(loss=window.loss.zero_(), data_wait_at_start=prefetcher.wait_seconds)
@@ -236,8 +236,9 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
             prefetcher = DevicePrefetcher(iter(loader), acc.device)
         batches = iter(prefetcher)
-        bar = tqdm(total=parts.updates_per_epoch, initial=prog.update, disable=not (self.main and cfg.progress),
-                   desc=f"epoch {prog.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+        bar = TrainProgress(epoch=prog.epoch, epochs=cfg.epochs, update=prog.update, step=prog.step,
+                            updates_per_epoch=parts.updates_per_epoch, max_steps=cfg.max_train_steps,
+                            enabled=self.main and cfg.progress, write=log.info)
         window = Window(loss=torch.zeros((), device=acc.device), data_wait_at_start=0.0)
         while prog.update < parts.updates_per_epoch:
             self.train_step(batches, window)

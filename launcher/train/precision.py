@@ -43,6 +43,12 @@ def configure_backends(device: str, *, deterministic: bool, threads: int) -> Non
     """Fast kernels by default (cudnn autotuning, TF32 matmuls), deterministic algorithms on request."""
     if threads > 0:
         torch.set_num_threads(threads)
+    if device == "cpu":
+        # Accelerate imports DeepSpeed whenever it is installed (unwrap_model checks for its engine), and
+        # DeepSpeed then probes for an accelerator and warns "Setting accelerator to CPU" on every CPU
+        # run. Naming the accelerator is DeepSpeed's own switch for that; DeepSpeed itself only runs on
+        # GPUs here, and a value the user set is kept.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if device == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
