@@ -14,7 +14,7 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,14 @@ def _label_map(dataset_classes: list[str], model_classes: list[str], spec: str) 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, *, split: str = "validation", batch_size: int = 64,
                         img_size: int | None = None, workers: int = 2, device: str = "auto",
-                        output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Loss, top-1/top-5, per-class metrics and the confusion matrix of a checkpoint on a dataset split."""
+                        output: str | Path | None = None, progress: bool = True,
+                        on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                        ) -> dict[str, Any]:
+    """Loss, top-1/top-5, per-class metrics and the confusion matrix of a checkpoint on a dataset split.
+
+    ``on_batch(images_u8, targets, logits)`` sees every batch (targets in the checkpoint's class indices),
+    e.g. for the report's worst-image grid.
+    """
     from tqdm import tqdm
 
     from launcher.data import build_eval_loader, open_dataset
@@ -196,6 +202,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, *, split: str = "vali
         confusion += torch.bincount(targets * num_classes + logits.argmax(dim=1),
                                     minlength=num_classes * num_classes).view(num_classes, num_classes)
         seen += len(targets)
+        if on_batch is not None:
+            on_batch(images, targets, logits)
     if seen == 0:
         raise ValueError(f"{data}: split {split!r} yielded no images")
     matrix = confusion.numpy()
