@@ -188,3 +188,19 @@ def test_finetune_on_an_offline_node_fails_with_one_line(tmp_path: Path) -> None
     assert last.startswith("launcher finetune: pretrained weights resnet18.a1_in1k are not in the timm cache")
     assert "`launcher weights fetch resnet18.a1_in1k`" in last
     assert str(tmp_path / "hf_home" / "hub" / "models--timm--resnet18.a1_in1k") in last
+
+
+def test_train_command_offline_fails_with_one_line(caches, monkeypatch, tmp_path, capsys) -> None:
+    from launcher.data.sample_data import make_digits_tree
+    from launcher.train.command import main as train_main
+
+    make_digits_tree(tmp_path / "imgs", size=16, per_class=4)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    code = train_main(["--data", str(tmp_path / "imgs"), "--model", "resnet18", "--pretrained", "IMAGENET1K_V1",
+                       "--img-size", "32", "--epochs", "2", "--warmup-epochs", "1", "--global-batch", "8",
+                       "--workers", "0", "--output", str(tmp_path / "run"), "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and error[-1].startswith("error: pretrained weights resnet18.IMAGENET1K_V1 are not in")
+    assert "`launcher weights fetch resnet18.IMAGENET1K_V1`" in error[-1] and "--pretrained" in error[-1]
+    assert caches["attempts"] == []

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import ConfigError
 from launcher.models.sources import (
     HF_WEIGHT_FILES,
     WeightsSource,
@@ -67,7 +66,7 @@ def _download_hub(source: WeightsSource) -> tuple[Path, bool]:
         except EntryNotFoundError:
             continue
         return Path(path), True
-    raise ConfigError(f"{source.hf_repo} on the Hugging Face hub has none of {', '.join(HF_WEIGHT_FILES)}")
+    raise ValueError(f"{source.hf_repo} on the Hugging Face hub has none of {', '.join(HF_WEIGHT_FILES)}")
 
 
 def fetch_weights(source: WeightsSource, *, progress: bool = True) -> FetchedWeights:
@@ -75,7 +74,7 @@ def fetch_weights(source: WeightsSource, *, progress: bool = True) -> FetchedWei
     from launcher.models.pretrained import resolve_weights
 
     if offline_requested():
-        raise ConfigError("HF_HUB_OFFLINE is set: `launcher weights fetch` downloads; run it where the network "
+        raise ValueError("HF_HUB_OFFLINE is set: `launcher weights fetch` downloads; run it where the network "
                           "is reachable, without HF_HUB_OFFLINE")
     path, downloaded = _download_hub(source) if source.hf_repo else _download_url(source, progress)
     _, state_dict = resolve_weights(source.arch, source.name, offline=True)
@@ -106,14 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sources = [parse_weights_spec(name, args.model) for name in args.names]
-    except ConfigError as error:
+    except ValueError as error:
         print(f"launcher weights: {error}", file=sys.stderr)
         return 2
     failed = 0
     for source in sources:
         try:
             fetched = fetch_weights(source, progress=not args.quiet)
-        except (ConfigError, OSError, RuntimeError, ValueError) as error:
+        except (OSError, RuntimeError, ValueError) as error:
             print(f"launcher weights: {source.name}: {type(error).__name__}: {error}", file=sys.stderr)
             failed += 1
             continue

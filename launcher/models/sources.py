@@ -24,7 +24,6 @@ import timm
 import torch
 import torchvision
 
-from launcher.config import ConfigError
 from launcher.models.registry import RESNET_NAMES
 
 __all__ = ["WeightsSource", "WeightsUnavailableError", "hf_hub_cache", "offline_requested", "parse_weights_spec"]
@@ -98,13 +97,14 @@ class WeightsSource:
         return path if path is not None and path.is_file() else None
 
 
-class WeightsUnavailableError(ConfigError):
+class WeightsUnavailableError(ValueError):
     """Named weights are not cached and cannot be downloaded here. One line: what to run, and where."""
 
     def __init__(self, source: WeightsSource, reason: str):
         self.source = source
         self.url = source.url
-        alternative = "--weights /path/to/file.pth" + (f" (a download of {source.url})" if source.url else "")
+        alternative = ("a local file: --weights /path/to/file.pth (launcher train: --pretrained)"
+                       + (f", e.g. a download of {source.url}" if source.url else ""))
         super().__init__(
             f"pretrained weights {source.name} are not in the {source.library} cache and {reason}: run "
             f"`{source.fetch_command}` on a machine with internet and the same cache ({source.cache_variable}), "
@@ -125,7 +125,7 @@ def parse_weights_spec(spec: str, model: str | None = None) -> WeightsSource:
 
     Accepted: ``resnet50.IMAGENET1K_V2``, ``ResNet50_Weights.IMAGENET1K_V2``, ``IMAGENET1K_V2`` /
     ``DEFAULT`` (torchvision, with ``model``), ``resnet50.a1_in1k``, ``a1_in1k`` (timm, with ``model``),
-    ``resnet50`` (timm's default weights for it). Raises ConfigError naming the choices otherwise.
+    ``resnet50`` (timm's default weights for it). Raises ValueError naming the choices otherwise.
     """
     spec = spec.strip()
     head, dot, tail = spec.partition(".")
@@ -133,23 +133,23 @@ def parse_weights_spec(spec: str, model: str | None = None) -> WeightsSource:
     if dot and head.endswith("_Weights"):
         arch = _arch_of_enum(head)
         if arch is None:
-            raise ConfigError(f"unknown torchvision weights {spec!r}: not one of the ResNets {', '.join(RESNET_NAMES)}")
+            raise ValueError(f"unknown torchvision weights {spec!r}: not one of the ResNets {', '.join(RESNET_NAMES)}")
         rest = tail
     elif head in RESNET_NAMES:
         arch, rest = head, tail
     if arch is None:
-        raise ConfigError(f"weights {spec!r} do not name the model: use e.g. resnet50.{spec} or --model resnet50")
+        raise ValueError(f"weights {spec!r} do not name the model: use e.g. resnet50.{spec} or --model resnet50")
     if arch not in RESNET_NAMES:
-        raise ConfigError(f"model {arch!r} is not supported; choose one of {', '.join(RESNET_NAMES)}")
+        raise ValueError(f"model {arch!r} is not supported; choose one of {', '.join(RESNET_NAMES)}")
     if model and model.split(".")[0] != arch:
-        raise ConfigError(f"weights {spec!r} are for another architecture than {model} (they are {arch} "
+        raise ValueError(f"weights {spec!r} are for another architecture than {model} (they are {arch} "
                           f"weights: use --model {arch})")
     enum = _torchvision_enum(arch)
     if rest and (rest.isupper() or rest.upper() in enum.__members__ or head.endswith("_Weights")):
         try:
             weights = enum[rest.upper()]
         except KeyError:
-            raise ConfigError(f"unknown torchvision weights {spec!r} for {arch}; available: "
+            raise ValueError(f"unknown torchvision weights {spec!r} for {arch}; available: "
                               f"{', '.join(enum.__members__)}") from None
         return WeightsSource(arch, "torchvision", f"{arch}.{weights.name}", weights.url)
     full = f"{arch}.{rest}" if rest else arch
@@ -159,7 +159,7 @@ def parse_weights_spec(spec: str, model: str | None = None) -> WeightsSource:
         cfg = None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
-        raise ConfigError(
+        raise ValueError(
             f"unknown pretrained weights {spec!r} for {arch}: not a local file, not a torchvision weights name, "
             f"not a timm tag. timm tags: {', '.join(tags)}; torchvision: {', '.join(enum.__members__)}")
     return WeightsSource(arch, "timm", f"{arch}.{cfg.tag}" if cfg.tag else arch, cfg.url, cfg.hf_hub_id or None)

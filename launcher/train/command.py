@@ -57,6 +57,13 @@ def run_recipe(recipe: TrainConfig, argv: list[str] | None = None, prog: str | N
     except Preempted as exc:
         print(f"preempted: {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except ValueError as exc:
+        from launcher.models import WeightsUnavailableError
+
+        if not isinstance(exc, WeightsUnavailableError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # one line: the fetch command and the cache path
+        return 2
     return 0
 
 
