@@ -24,5 +24,5 @@ grep -q "^#SBATCH --nodes=2" slurm.sbatch && grep -q "^#SBATCH --gpus-per-node=8
 bash -n slurm.sbatch
 echo "wheel check: launcher slurm --dry-run OK (self-contained script)"
 launcher demo --quiet
-test -f runs/demo/train/summary.json
+test -f runs/demo/train/summary.json && test -f runs/demo/train/report.html
 echo "wheel check: launcher demo OK"

@@ -18,7 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recommend": ("launcher.finetune.modelcards", "dataset-aware advice from the model cards"),
     "evaluate": ("launcher.inference.evaluate", "evaluate a checkpoint: loss, top-1/5, per-class metrics, confusion"),
     "predict": ("launcher.inference.evaluate", "top-k predictions for images or folders"),
-    "export": ("launcher.inference.export", "export a checkpoint to safetensors / torchscript / onnx"),
+    "export": ("launcher.inference.export", "export a checkpoint: safetensors / torchscript / onnx / hf (a timm Hub folder)"),
+    "report": ("launcher.inference.report", "one self-contained report.html of a run: curves, confusion, worst images"),
+    "weights": ("launcher.models.fetch", "fetch pretrained weights into the caches an offline run reads"),
     "slurm": ("launcher.slurm", "render an sbatch script for nodes / GPUs / partition / recipe"),
 }
 

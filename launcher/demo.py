@@ -1,7 +1,8 @@
 """`launcher demo`: the whole product on a small built-in dataset, offline, in a few minutes on a CPU.
 
 Steps: make the scikit-learn digits image tree -> shardify it -> verify the shards -> train a shrunk A3
-recipe (ResNet-18 at 32 px, LAMB + warmup/cosine, BCE) on the shards -> print the evaluation.
+recipe (ResNet-18 at 32 px, LAMB + warmup/cosine, BCE) on the shards -> print the evaluation -> write the
+run's report.html (curves, confusion matrix, per-class scores, the worst validation images).
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: OK, validation top-1 {summary['final_top1']:.1f}% (best {summary['best_top1']:.1f}%, "
           f"chance 10%) after {summary['epochs']} epochs, {summary['img_per_s']:.0f} img/s; "
           f"run folder {summary['output']}")
+    from launcher.inference.report import write_report_after_training
+
+    write_report_after_training(summary["output"], device="auto", workers=1, progress=not args.quiet,
+                                prefix="demo: ")
     return 0
 
 

@@ -168,14 +168,17 @@ def test_offline_download_fails_with_instructions(offline):
     with pytest.raises(WeightsUnavailableError) as tv_err:
         create_resnet("resnet18", 5, pretrained="IMAGENET1K_V1")
     message = str(tv_err.value)
-    assert "--weights /path/to/file.pth" in message
-    assert str(offline / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    assert "\n" not in message and "`launcher weights fetch resnet18.IMAGENET1K_V1`" in message
+    assert "--weights /path/to/file.pth (launcher train: --pretrained)" in message
     assert "download.pytorch.org" in message
+    assert str(offline / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
 
     with pytest.raises(WeightsUnavailableError) as timm_err:
         create_resnet("resnet50", 5, pretrained="resnet50.a1_in1k")
     message = str(timm_err.value)
-    assert "--weights" in message and "HF_HUB_CACHE" in message and "timm/resnet50.a1_in1k" in message
+    assert "\n" not in message and "`launcher weights fetch resnet50.a1_in1k`" in message
+    assert f"HF_HUB_CACHE={offline / 'hf_cache'}" in message and "huggingface.co unreachable" in message
+    assert str(offline / "hf_cache" / "models--timm--resnet50.a1_in1k") in message
     # Nothing else is affected: random init still works.
     assert create_resnet("resnet18", 5).fc.out_features == 5
 

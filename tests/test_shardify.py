@@ -425,3 +425,4 @@ def test_demo_command_runs_end_to_end(tmp_path: Path, capsys) -> None:
     assert "1797 samples verified" in out
     top1 = float(re.search(r"demo: OK, validation top-1 ([0-9.]+)%", out).group(1))
     assert top1 >= 50.0, out  # 10 classes: chance is 10 %; the demo reaches ~85 % in 4 short epochs
+    assert f"demo: report: {tmp_path / 'demo' / 'train' / 'report.html'}" in out

@@ -434,6 +434,10 @@ def main(argv: Sequence[str] | None = None, base: TrainConfig | None = None) -> 
         output = Path(summary["output"])
         print(f"finetune: best val top-1 {summary.get('best_top1')}% -> {output / 'checkpoints' / 'best.pt'}; next: "
               f"launcher evaluate {output / 'checkpoints' / 'best.pt'} --data {plan.cfg.data}")
+        from launcher.inference.report import write_report_after_training
+
+        write_report_after_training(output, device=plan.cfg.device, workers=min(plan.cfg.workers, 2),
+                                    progress=plan.cfg.progress, prefix="finetune: ")
     return 0
 
 

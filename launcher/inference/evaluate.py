@@ -15,7 +15,7 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,8 +169,13 @@ def _label_map(dataset_classes: list[str], model_classes: list[str], spec: str) 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None, *, split: str = "validation", batch_size: int = 64,
                         img_size: int | None = None, workers: int = 2, device: str = "auto",
-                        output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                        output: str | Path | None = None, progress: bool = True,
+                        on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                        ) -> dict[str, Any]:
     """Loss, top-1/top-5, per-class metrics and the confusion matrix of a checkpoint on a dataset split.
+
+    ``on_batch(images_u8, targets, logits)`` sees every batch (targets in the checkpoint's class indices),
+    e.g. for the report's worst-image grid.
 
     ``data=None`` evaluates on the dataset the checkpoint was trained on (its config's ``data``).
     """
@@ -209,6 +214,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None, *, split: str 
         confusion += torch.bincount(targets * num_classes + logits.argmax(dim=1),
                                     minlength=num_classes * num_classes).view(num_classes, num_classes)
         seen += len(targets)
+        if on_batch is not None:
+            on_batch(images, targets, logits)
     if seen == 0:
         raise ValueError(f"{data}: split {split!r} yielded no images")
     matrix = confusion.numpy()

@@ -160,9 +160,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "safetensors loads into plain torchvision.models.<name>(num_classes=N) or timm.create_model."))
     parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("--checkpoint", dest="which", default=None, help=WHICH_HELP)
-    parser.add_argument("--format", choices=sorted(FORMATS), default="safetensors")
-    parser.add_argument("--out", default="", help="output file (default: <run>/exports/<checkpoint><ext>)")
+    parser.add_argument("--format", choices=sorted([*FORMATS, "hf"]), default="safetensors",
+                        help="hf: a timm / Hugging Face Hub folder (config.json + model.safetensors + README.md)")
+    parser.add_argument("--out", default="", help="output file (default: <run>/exports/<checkpoint><ext>; "
+                                                  "hf: a folder, default <run>/exports/<checkpoint>-hf)")
+    parser.add_argument("--push-to-hub", metavar="REPO", default="",
+                        help="with --format hf: also upload to this Hub repository (needs HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     args = parser.parse_args(argv)
+    if args.format == "hf" or args.push_to_hub:
+        from launcher.inference.hub import export_hf_command
+
+        try:
+            checkpoint = resolve_checkpoint(args.checkpoint, args.which)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"launcher export: {error}", file=sys.stderr)
+            return 2
+        return export_hf_command(str(checkpoint), args.format, args.out or None, push_to_hub=args.push_to_hub,
+                                 private=args.private)
     try:
         result = export_checkpoint(resolve_checkpoint(args.checkpoint, args.which), args.format, args.out or None)
     except (FileNotFoundError, ValueError, RuntimeError) as error:

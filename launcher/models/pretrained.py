@@ -1,11 +1,13 @@
-"""Pretrained weights for the ResNets: torchvision names, timm names, local files, offline errors.
+"""Pretrained weights for the ResNets: torchvision names, timm names, local files, offline runs.
 
-Downloads go through the libraries' own code paths (torchvision ``Weights.get_state_dict`` into
-``$TORCH_HOME/hub/checkpoints``, timm ``load_pretrained`` from the Hugging Face hub into
-``$HF_HUB_CACHE``), so files already in those caches load without network. Without network and
-without a cached file a :class:`WeightsUnavailableError` says how to supply a local file.
-Every source ends in :func:`load_pretrained_state_dict`: the classifier is dropped when its shape
-differs from the model's, everything else must match exactly.
+Named weights (see :mod:`launcher.models.sources`) load through the libraries' own code paths
+(torchvision ``Weights.get_state_dict`` from ``$TORCH_HOME/hub/checkpoints``, timm ``load_pretrained``
+from the Hugging Face cache), so files already in those caches load without network - which is what
+``launcher weights fetch`` prepares on a login node. With ``HF_HUB_OFFLINE=1``, or when the download
+host is unreachable, nothing is downloaded: a missing file raises :class:`WeightsUnavailableError`,
+one line naming the fetch command and the cache path. Every source ends in
+:func:`load_pretrained_state_dict`: the classifier is dropped when its shape differs from the
+model's, everything else must match exactly.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ from urllib.parse import urlparse
 
 import timm
 import torch
-import torchvision
 from torch import nn
 
 from launcher.models.registry import RESNET_NAMES, unwrap_model
+from launcher.models.sources import (
+    WeightsSource,
+    WeightsUnavailableError,
+    offline_requested,
+    parse_weights_spec,
+    torchvision_weights,
+)
 
 __all__ = [
     "WeightsUnavailableError",
@@ -33,34 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be downloaded (usually: no network). The message says what to do."""
-
-    def __init__(self, reason: str, *, url: str | None, cache_file: str | None, hf_repo: str | None = None):
-        self.url = url
-        lines = [reason, "Supply the weights as a local file instead:",
-                 "  --weights /path/to/file.pth   (a state_dict or a checkpoint with 'model'/'state_dict'; "
-                 ".pth, .pt, .bin or .safetensors; torchvision or timm key names)"]
-        if url:
-            lines.append(f"  the file can be fetched on a machine with internet from {url}")
-        if cache_file:
-            lines.append(f"  or copy it to the torchvision cache: {cache_file} (TORCH_HOME={_torch_home()})")
-        if hf_repo:
-            lines.append(f"  or fill the Hugging Face cache (HF_HUB_CACHE={_hf_cache()}) with "
-                         f"`huggingface-cli download {hf_repo}` on a connected machine and copy it over")
-        super().__init__("\n".join(lines))
-
-
-def _torch_home() -> str:
-    return str(Path(torch.hub.get_dir()).parent)
-
-
-def _hf_cache() -> str:
-    from huggingface_hub import constants as hf_constants
-
-    return str(hf_constants.HF_HUB_CACHE)
-
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -104,45 +84,47 @@ def _looks_like_file(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.startswith(".") or spec.lower().endswith(suffixes)
 
 
-def resolve_weights(name: str, spec: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
-    """Turn a weights spec into ``(description, state_dict)`` (see :func:`create_resnet`)."""
+def resolve_weights(name: str, spec: str | os.PathLike, *,
+                    offline: bool | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """Turn a weights spec into ``(description, state_dict)`` (see :func:`create_resnet`).
+
+    ``offline`` (default: ``HF_HUB_OFFLINE``) reads the caches only.
+    """
     spec_str = os.fspath(spec)
     if os.path.isfile(spec_str) or _looks_like_file(spec_str):
         path = Path(spec_str).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weights file not found: {path}")
         return str(path), load_weights_file(path)
-    tv_members = torchvision.models.get_model_weights(name).__members__
-    if "_Weights." in spec_str or spec_str.isupper() or spec_str.upper() in tv_members:
-        return _torchvision_state_dict(name, spec_str)
-    return _timm_state_dict(name, spec_str)
+    source = parse_weights_spec(spec_str, name)
+    offline = offline_requested() if offline is None else offline
+    if source.library == "torchvision":
+        return _torchvision_state_dict(source, offline)
+    return _timm_state_dict(source, offline)
 
 
-def _torchvision_state_dict(name: str, spec: str) -> tuple[str, dict[str, torch.Tensor]]:
-    enum = torchvision.models.get_model_weights(name)
-    if "." in spec:
-        enum_name, _, member = spec.partition(".")
-        if enum_name != enum.__name__:
-            raise ValueError(f"weights {spec!r} are for another architecture than {name} (expected "
-                             f"{enum.__name__}.<name>)")
-    else:
-        member = spec.upper()
-    try:
-        weights = enum[member]
-    except KeyError:
-        choices = ", ".join([*enum.__members__])
-        raise ValueError(f"unknown torchvision weights {spec!r} for {name}; available: {choices}") from None
-    url = weights.url
-    try:
+def _unreachable(source: WeightsSource, offline: bool) -> str | None:
+    """Why no download should be tried, or None. Checked before downloading so an offline compute node
+    fails in seconds instead of waiting for connection time-outs."""
+    if offline:
+        return "downloads are off (HF_HUB_OFFLINE=1)"
+    from huggingface_hub import constants as hf_constants
+
+    url = f"{hf_constants.ENDPOINT}/{source.hf_repo}" if source.hf_repo else source.url
+    if url and not _host_reachable(url):
+        return f"this machine is offline ({urlparse(url).hostname} unreachable)"
+    return None
+
+
+def _torchvision_state_dict(source: WeightsSource, offline: bool) -> tuple[str, dict[str, torch.Tensor]]:
+    weights = torchvision_weights(source)
+    if source.cached_file() is None and (reason := _unreachable(source, offline)):
+        raise WeightsUnavailableError(source, reason)
+    try:  # the cached file, or torch.hub's download (with its hash check) into the same place
         state_dict = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (OSError, RuntimeError) as exc:  # URLError/HTTPError/socket errors are OSErrors
-        cache_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-        raise WeightsUnavailableError(
-            f"could not download torchvision weights {enum.__name__}.{weights.name} for {name} "
-            f"({type(exc).__name__}: {exc}).",
-            url=url, cache_file=str(cache_file),
-        ) from exc
-    return f"torchvision {enum.__name__}.{weights.name}", state_dict
+        raise WeightsUnavailableError(source, f"the download failed ({type(exc).__name__}: {exc})") from exc
+    return f"torchvision {type(weights).__name__}.{weights.name}", state_dict
 
 
 def _host_reachable(url: str, timeout: float = 3.0) -> bool:
@@ -157,47 +139,13 @@ def _host_reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _timm_state_dict(name: str, spec: str) -> tuple[str, dict[str, torch.Tensor]]:
-    from huggingface_hub import constants as hf_constants
-    from huggingface_hub import try_to_load_from_cache
-
-    full = spec if spec.startswith(f"{name}.") or spec == name else f"{name}.{spec}"
-    arch = full.partition(".")[0]
-    if arch != name:
-        raise ValueError(f"timm weights {spec!r} are for {arch}, not {name}")
-    try:
-        cfg = timm.models.get_pretrained_cfg(full)
-    except RuntimeError:  # "Invalid pretrained tag"
-        cfg = None
-    if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{name}.*")]
-        raise ValueError(
-            f"unknown pretrained weights {spec!r} for {name}: not a local file, not a torchvision weights "
-            f"name, not a timm tag. timm tags: {', '.join(tags)}; torchvision: "
-            f"{', '.join(torchvision.models.get_model_weights(name).__members__)}"
-        )
-    tag = f"{name}.{cfg.tag}" if cfg.tag else name
-    cfg_dict = cfg.to_dict()
-    # A file already in the Hugging Face cache loads offline through timm's own file path.
-    if cfg.hf_hub_id:
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
-            if isinstance(cached, str):
-                cfg_dict = {**cfg_dict, "file": cached, "hf_hub_id": None, "source": ""}
-                break
-    elif cfg.url:  # weights only on a URL: timm caches them like torch.hub does
-        cached_url = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
-        if cached_url.is_file():
-            cfg_dict = {**cfg_dict, "file": str(cached_url)}
-    hub_url = f"{hf_constants.ENDPOINT}/{cfg.hf_hub_id}/resolve/main/model.safetensors" if cfg.hf_hub_id else None
-    url = hub_url or cfg.url
-    if not cfg_dict.get("file"):
-        offline = hf_constants.HF_HUB_OFFLINE or not _host_reachable(url)
-        if offline:
-            raise WeightsUnavailableError(
-                f"could not download timm weights {tag} for {name} (no network: {url} unreachable).",
-                url=url, cache_file=None, hf_repo=cfg.hf_hub_id,
-            )
+def _timm_state_dict(source: WeightsSource, offline: bool) -> tuple[str, dict[str, torch.Tensor]]:
+    cfg_dict = timm.models.get_pretrained_cfg(source.name).to_dict()
+    cached = source.cached_file()
+    if cached is not None:  # timm's own file path: no hub call at all
+        cfg_dict = {**cfg_dict, "file": str(cached), "hf_hub_id": None, "source": ""}
+    elif reason := _unreachable(source, offline):
+        raise WeightsUnavailableError(source, reason)
     captured: dict[str, torch.Tensor] = {}
 
     def capture(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,16 +154,13 @@ def _timm_state_dict(name: str, spec: str) -> tuple[str, dict[str, torch.Tensor]
 
     # timm's load_pretrained does the download (hub or URL, hash checks); we take the state_dict it
     # fetched and load it ourselves so head replacement and strictness are the same for every source.
-    probe = timm.create_model(name, pretrained=False)
+    probe = timm.create_model(source.arch, pretrained=False)
     try:
         timm.models.load_pretrained(probe, pretrained_cfg=cfg_dict, num_classes=probe.num_classes,
                                     filter_fn=capture, strict=False)
     except OSError as exc:  # HF LocalEntryNotFoundError, requests ConnectionError, URLError
-        raise WeightsUnavailableError(
-            f"could not download timm weights {tag} for {name} ({type(exc).__name__}: {exc}).",
-            url=url, cache_file=None, hf_repo=cfg.hf_hub_id,
-        ) from exc
-    return f"timm {tag}", captured
+        raise WeightsUnavailableError(source, f"the download failed ({type(exc).__name__}: {exc})") from exc
+    return f"timm {source.name}", captured
 
 
 def load_pretrained_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:

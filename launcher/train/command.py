@@ -63,6 +63,13 @@ def run_recipe(recipe: TrainConfig, argv: list[str] | None = None, prog: str | N
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return CHECKPOINT_FAILED_EXIT_CODE
+    except ValueError as exc:
+        from launcher.models import WeightsUnavailableError
+
+        if not isinstance(exc, WeightsUnavailableError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # one line: the fetch command and the cache path
+        return 2
     return 0
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from launcher.train.preemption import PREEMPTED_FILE
 from launcher.train.checkpoints import BEST, LAST
+from launcher.train.preemption import PREEMPTED_FILE
 from launcher.train.tracking import SUMMARY_FILE
 
 CHECKPOINT_CHOICES = ("best", "last")
