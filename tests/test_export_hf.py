@@ -140,4 +140,4 @@ def test_push_without_credentials_or_with_another_format_is_refused(run_folder: 
     assert main([str(run_folder), "--format", "onnx", "--push-to-hub", "someone/insects"]) == 2
     assert "--push-to-hub uploads a --format hf folder, not onnx" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--format", "hf"]) == 2
-    assert "no such run folder or checkpoint" in capsys.readouterr().err
+    assert "missing is neither a checkpoint file nor a run folder" in capsys.readouterr().err

@@ -53,7 +53,26 @@ def test_deepspeed_configs_are_accepted_by_accelerate(stage: int) -> None:
     config = json.loads(path.read_text())
     assert config["zero_optimization"]["stage"] == stage
     assert config["zero_allow_untested_optimizer"] is True  # timm's LAMB stays the optimizer
-    assert config["gradient_clipping"] == 1.0  # the global clip LAMB would do, over all partitions
+    assert config["gradient_clipping"] == "auto"  # the engine fills it in: LAMB's global clip at 1.0, or --clip-grad
     plugin = DeepSpeedPlugin(hf_ds_config=str(path))
     assert plugin.zero_stage == stage
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto"  # the engine fills it in
+
+
+@pytest.mark.parametrize(("opt", "clip", "expected"), [("lamb", None, 1.0), ("lamb", 0.5, 0.5), ("adamw", None, 0.0),
+                                                        ("sgd", 2.0, 2.0)])
+def test_engine_fills_deepspeed_batch_clip_and_autocast(opt: str, clip: float | None, expected: float) -> None:
+    from types import SimpleNamespace
+
+    from launcher.config import TrainConfig
+    from launcher.train.accelerator import configure_deepspeed
+
+    config = json.loads((REPO / "recipes" / "deepspeed" / "zero2.json").read_text())
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    configure_deepspeed(accelerator, TrainConfig(opt=opt, clip_grad=clip, global_batch=64), "bf16", micro=8,
+                        accumulation=4)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (8, 4, 64)
+    assert config["gradient_clipping"] == expected
+    # fp32 weights and BN buffers, forward under autocast (DeepSpeed's own bf16 casts weights, not BN buffers)
+    assert config["bf16"]["enabled"] is False and config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}

@@ -176,7 +176,7 @@ def test_report_loads_cleanly_in_headless_chromium(report: Path, tmp_path: Path)
 
 def test_report_command_and_its_errors(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "nowhere")]) == 2
-    assert "no such run folder or checkpoint" in capsys.readouterr().err
+    assert "is neither a checkpoint file nor a run folder" in capsys.readouterr().err
     moved = tmp_path / "copied-run"
     (moved / "checkpoints").mkdir(parents=True)
     (moved / "checkpoints" / "best.pt").write_bytes((tiny_run / "checkpoints" / "best.pt").read_bytes())

@@ -101,8 +101,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # truncated / foreign / pickled-object files
         raise ValueError(f"checkpoint {path} cannot be loaded safely: {exc}") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"checkpoint {path} is not a resnet-launcher checkpoint (no 'model' entry): use "
-                         "runs/<run>/checkpoints/best.pt or last.pt")
+        raise ValueError(f"checkpoint {path} is not a resnet-launcher checkpoint, so not a training checkpoint "
+                         "(no 'model' entry): use a run folder or runs/<run>/checkpoints/best.pt or last.pt")
     return state
 
 
