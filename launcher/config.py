@@ -306,12 +306,9 @@ def validate(cfg: TrainConfig) -> None:
             need(getattr(cfg, f.name) in choices,
                  f"{f.name}={getattr(cfg, f.name)!r} is not one of {', '.join(choices)}")
     need(bool(cfg.data), "data is not set: pass --data (shard folder, URL pattern or class folder)")
-    try:
-        from launcher.models import RESNET_NAMES
-    except ImportError:  # models module not importable: let create_resnet raise later
-        RESNET_NAMES = None  # noqa: N806
-    if RESNET_NAMES is not None:
-        need(cfg.model in RESNET_NAMES, f"model={cfg.model!r} is unknown; choose one of {', '.join(RESNET_NAMES)}")
+    from launcher.models.registry import RESNET_NAMES
+
+    need(cfg.model in RESNET_NAMES, f"model={cfg.model!r} is unknown; choose one of {', '.join(RESNET_NAMES)}")
     for name in ("epochs", "global_batch", "img_size", "eval_every"):
         need(getattr(cfg, name) > 0, f"{name} must be > 0 (got {getattr(cfg, name)})")
     need(cfg.workers is None or cfg.workers >= 0, f"workers must be >= 0 or none (got {cfg.workers})")
@@ -332,8 +329,9 @@ def validate(cfg: TrainConfig) -> None:
     need(0 < cfg.ratio[0] <= cfg.ratio[1], f"ratio must satisfy 0 < min <= max (got {cfg.ratio})")
     if cfg.bce_target_thresh is not None:
         need(0 <= cfg.bce_target_thresh < 1, f"bce_target_thresh must be in [0, 1) (got {cfg.bce_target_thresh})")
-    need(cfg.trainable_layers == "all" or cfg.trainable_layers.isdigit() and int(cfg.trainable_layers) > 0,
-         f"trainable_layers must be 'all' or a positive integer (got {cfg.trainable_layers!r})")
+    need(cfg.trainable_layers == "all" or cfg.trainable_layers in ("1", "2", "3", "4", "5"),
+         f"trainable_layers must be 'all' or 1..5 (1 = fc, 2 = layer4+fc, ..., 5 = layer1..fc; got "
+         f"{cfg.trainable_layers!r})")
     if cfg.micro_batch:
         need(cfg.global_batch % cfg.micro_batch == 0,
              f"global_batch={cfg.global_batch} is not divisible by micro_batch={cfg.micro_batch}")

@@ -89,6 +89,8 @@ def test_yaml_round_trip_and_config_flag(tmp_path: Path) -> None:
     (["--precision", "fp8"], "precision"),
     (["--epochs", "x"], "epochs"),
     (["--resume", "/nonexistent/last.pt"], "resume="),
+    (["--trainable-layers", "6"], "trainable_layers must be 'all' or 1..5"),
+    (["--workers", "-1"], "workers must be >= 0"),
 ])
 def test_bad_setting_is_one_line_naming_it(argv: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ConfigError) as info:
@@ -136,3 +138,11 @@ def test_batch_arithmetic_errors_name_the_numbers() -> None:
     assert micro_batch_candidates(96, 2, even=True, limit=32) == [24, 16, 12, 8, 6, 4, 2]
     with pytest.raises(ConfigError, match="world size 3"):
         micro_batch_candidates(2048, 3, even=False, limit=64)
+
+
+def test_changing_the_train_resolution_carries_the_test_resolution_at_the_recipe_ratio() -> None:
+    a3 = load_recipe("a3")  # trains at 160, also evaluated at 224
+    assert parse_config(["--data", "d", "--img-size", "32"], a3).test_img_size == 45  # round(32 * 224 / 160)
+    assert parse_config(["--data", "d", "--img-size", "32", "--test-img-size", "0"], a3).test_img_size == 0
+    assert parse_config(["--data", "d"], a3).test_img_size == 224
+    assert parse_config(["--data", "d", "--img-size", "64"], load_recipe("a2")).test_img_size == 0  # A2 has none

@@ -6,6 +6,10 @@ sbatch's --nodes), run side by side: tiny CPU trainings of the real engine on 60
   drill:     the same job, sent USR1 mid-training, then    -> checkpoint, requeue, resume, twice; the
              TERM mid-way through the requeued attempt        final weights equal the reference's, bit for bit
              (scancel --signal=... --batch)
+  killrank:  the same job; one rank SIGKILLed in epoch 2    -> the whole job FAILED within 60 s (no rank left
+                                                              waiting in a collective); requeued, it resumes
+                                                              from the epoch-1 checkpoint and ends with the
+                                                              reference's weights, bit for bit
   broken:    a data path that does not exist, submitted    -> FAILED, never requeued
              with `launcher slurm --submit`
   deepspeed: ACCELERATE_CONFIG=recipes/accelerate/           -> 2 ranks on 2 nodes meet (no ssh/pdsh)
@@ -183,6 +187,39 @@ def preempt_twice(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
         job.events.append(f"gave up waiting to send SIG{plan[0][0]}")
 
 
+def kill_one_rank(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
+    """SIGKILL rank 1 of the job once epoch 2 is under way; record how long the job took to end after it."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job.job_id)
+        if info.get("JobState") in TERMINAL:
+            job.events.append("finished before a rank could be killed")
+            return
+        if info.get("JobState") == "RUNNING" and trained_steps(job.run_dir) >= 9:  # epoch 1 (7 steps) checkpointed
+            break
+        time.sleep(0.3)
+    ranks = []
+    for process in psutil.process_iter():
+        try:
+            environ = process.environ()
+        except (psutil.Error, OSError):
+            continue
+        if environ.get("SLURM_JOB_ID") == job.job_id and environ.get("RANK") == "1":
+            ranks.append(process)
+    if len(ranks) != 1:
+        job.events.append(f"found {len(ranks)} processes with RANK=1")
+        return
+    ranks[0].kill()
+    killed = time.monotonic()
+    job.events.append(f"rank 1 SIGKILLed at step {trained_steps(job.run_dir)}")
+    while time.monotonic() < deadline and job_info(job.job_id).get("JobState") not in TERMINAL:
+        time.sleep(0.2)
+    job.events.append(f"job ended {time.monotonic() - killed:.1f} s after the kill")
+    job.seconds_to_end = time.monotonic() - killed  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory):
     from launcher.data.sample_data import make_digits_tree
@@ -197,11 +234,15 @@ def jobs(tmp_path_factory: pytest.TempPathFactory):
                             ACCELERATE_CONFIG="recipes/accelerate/deepspeed_zero2.yaml"),
         "reference": submit("ref", tmp, DATA=str(data)),
         "drill": submit("drill", tmp, DATA=str(data)),
+        "killrank": submit("killrank", tmp, DATA=str(data)),
         "broken": submit_rendered("broken", tmp, tmp / "no-such-dataset"),
     }
     signaller = threading.Thread(target=preempt_twice, args=(submitted["drill"],), daemon=True)
     signaller.start()
     submitted["signaller"] = signaller  # type: ignore[assignment]
+    killer = threading.Thread(target=kill_one_rank, args=(submitted["killrank"],), daemon=True)
+    killer.start()
+    submitted["killer"] = killer  # type: ignore[assignment]
     yield submitted
     for job in submitted.values():
         if isinstance(job, Job) and job_info(job.job_id).get("JobState") not in TERMINAL:
@@ -248,6 +289,29 @@ def test_preemption_drill_requeues_and_resumes_exactly(jobs: dict[str, Job]) -> 
     different = [k for k in ours["model"] if not torch.equal(ours["model"][k], theirs["model"][k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
     assert json.loads((job.run_dir / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_killed_rank_fails_the_job_fast_and_the_requeue_resumes_exactly(jobs: dict[str, Job]) -> None:
+    import torch
+
+    job = jobs["killrank"]
+    jobs["killer"].join(timeout=JOB_TIMEOUT_S)  # type: ignore[attr-defined]
+    info = job.wait()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", job.diagnostics()
+    assert getattr(job, "seconds_to_end", 999) < 60, job.diagnostics()
+    assert "not requeueing" in job.log.read_text(), job.diagnostics()
+    # What an operator (or a job array's retry) does next: requeue; the job resumes from its last checkpoint.
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True, capture_output=True, text=True)
+    info = job.wait(restarts=1)
+    assert info["JobState"] == "COMPLETED", job.diagnostics()
+    assert "resumed from" in job.log.read_text(), job.diagnostics()
+    reference = jobs["reference"]
+    assert reference.wait()["JobState"] == "COMPLETED", reference.diagnostics()
+    ours = torch.load(job.run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    theirs = torch.load(reference.run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    assert ours["step"] == theirs["step"] == FINAL_STEP
+    different = [k for k in ours["model"] if not torch.equal(ours["model"][k], theirs["model"][k])]
+    assert not different, f"{len(different)} tensors differ after the requeue, e.g. {different[:5]}"
 
 
 def test_a_real_error_fails_without_requeue(jobs: dict[str, Job]) -> None:

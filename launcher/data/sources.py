@@ -371,10 +371,8 @@ def read_file_sample(path: str, label: int, key: str, position: int, events: lis
 
 # ---------------------------------------------------------------------------------------------- folder
 def _open_folder(root: Path, val_split: str) -> Dataset:
-    try:
-        from launcher.data.folders import SourceError, plan_source
-    except ImportError:  # pragma: no cover - shipped together; kept for partial installs
-        raise DataSourceError("launcher.data.folders is required to read class folders") from None
+    from launcher.data.folders import SourceError, plan_source
+
     try:
         plan = plan_source(root, val_fraction=0.0, seed=0)
     except SourceError as error:

@@ -307,9 +307,9 @@ def imbalance_report(stats: DatasetStats, cfg: TrainConfig) -> list[str]:
         largest = sorted(counts.items(), key=lambda item: item[1])
         lines.append("  smallest: " + ", ".join(f"{name} {n}" for name, n in largest[:5]))
         if cfg.class_weights == "none":
-            lines.append("  imbalanced: consider --class-weights balanced (loss) or --balanced-sampling")
+            lines.append("  imbalanced: consider --class-weights balanced (weights the loss by inverse class frequency)")
         else:
-            lines.append(f"  compensating with {'class-weighted loss' if cfg.class_weights != 'none' else 'balanced sampling'}")
+            lines.append("  compensating with a class-weighted loss (--class-weights balanced)")
     return lines
 
 

@@ -298,7 +298,7 @@ def advise(card: ModelCard, stats: DatasetStats) -> Advice:
     if stats.imbalance >= 3:
         class_weights = "balanced"
         lines.append(f"  - classes are imbalanced (largest/smallest = {stats.imbalance:.1f}): use "
-                     "--class-weights balanced or --balanced-sampling")
+                     "--class-weights balanced (weights the loss by inverse class frequency)")
     if stats.num_val == 0:
         lines.append("  - no val/ folder: a stratified share of the training images is held out for validation")
     return Advice(card.name, tier, tier.lr, epochs, batch, tier.augmentation, class_weights, lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -139,18 +140,26 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     path = Path(out) if out else default_output(loaded.path, "exports") / f"{loaded.path.stem}{FORMATS[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = export_metadata(loaded, fmt)
-    if fmt == "safetensors":
-        diff, verified_with = _export_safetensors(loaded, path, metadata)
-    elif fmt == "torchscript":
-        diff, verified_with = _export_torchscript(loaded, path)
-    else:
-        diff, verified_with = _export_onnx(loaded, path, metadata)
-    if not diff <= TOLERANCE:
-        raise RuntimeError(f"export {path} does not reproduce the checkpoint: max |logit difference| {diff:.3g} "
-                           f"with {verified_with}")
+    # Written under a temporary name and verified there: an existing export is replaced only by a good one.
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        if fmt == "safetensors":
+            diff, verified_with = _export_safetensors(loaded, partial, metadata)
+        elif fmt == "torchscript":
+            diff, verified_with = _export_torchscript(loaded, partial)
+        else:
+            diff, verified_with = _export_onnx(loaded, partial, metadata)
+        if not diff <= TOLERANCE:
+            raise RuntimeError(f"export {path} does not reproduce the checkpoint: max |logit difference| {diff:.3g} "
+                               f"with {verified_with}")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     metadata_path = path.with_name(path.name + ".json")
     metadata["verified"] = {"with": verified_with, "max_abs_logit_diff": diff, "input": [2, 3, VERIFY_SIZE, VERIFY_SIZE]}
-    metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    tmp = metadata_path.with_name(f".{metadata_path.name}.tmp")
+    tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+    os.replace(tmp, metadata_path)
     return ExportResult(path, metadata_path, fmt, diff, verified_with)
 
 

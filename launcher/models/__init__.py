@@ -4,7 +4,6 @@ optimizer + LR schedule (optim.py), losses (losses.py); ``registry.py`` holds th
 
 from launcher.models.registry import RESNET_NAMES, unwrap_model
 from launcher.models.resnet import (
-    TRAINABLE_CHOICES,
     WeightsUnavailableError,
     convert_sync_batchnorm,
     create_resnet,
@@ -17,7 +16,6 @@ from launcher.models.resnet import (
 
 __all__ = [
     "RESNET_NAMES",
-    "TRAINABLE_CHOICES",
     "WeightsUnavailableError",
     "convert_sync_batchnorm",
     "create_resnet",

@@ -53,14 +53,12 @@ def create_loss(
     bce_target_thresh: float | None = None,
     smoothing: float = 0.0,
     weight: torch.Tensor | None = None,
-    bce_sum: bool = False,
-    pos_weight: torch.Tensor | None = None,
 ) -> nn.Module:
     """The training loss: ``"bce"`` (timm BinaryCrossEntropy, RSB: ``bce_target_thresh=0.2``) or ``"ce"``.
 
     Both take logits ``[B, C]`` and dense soft targets ``[B, C]`` (or class indices ``[B]``).
     bce: targets above ``bce_target_thresh`` become 1, the rest 0 (RSB's multi-label view of
-    Mixup/CutMix); mean over B x C elements (``bce_sum`` sums over classes, then averages the batch).
+    Mixup/CutMix); mean over B x C elements.
     ``weight``: optional per-class weights ``[C]`` (fine-tuning on imbalanced data).
     Validation should use plain cross-entropy on class indices, as timm does.
     """
@@ -69,9 +67,7 @@ def create_loss(
         if bce_target_thresh is not None and not 0.0 <= bce_target_thresh < 1.0:
             raise ValueError(f"bce_target_thresh must be in [0, 1), got {bce_target_thresh}")
         w = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
-        pw = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
-        return BinaryCrossEntropy(smoothing=smoothing, target_threshold=bce_target_thresh, weight=w,
-                                  sum_classes=bce_sum, pos_weight=pw)
+        return BinaryCrossEntropy(smoothing=smoothing, target_threshold=bce_target_thresh, weight=w)
     if key in ("ce", "cross_entropy", "softce"):
         return SoftTargetCrossEntropyLoss(smoothing=smoothing, weight=weight)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")

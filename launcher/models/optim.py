@@ -11,13 +11,11 @@
 * ``sgd`` is timm's: SGD with **Nesterov** momentum (``momentum`` is plain heavy-ball momentum).
   ``adamw`` is torch AdamW (decoupled decay) through timm.
 * Schedule: ``CosineLRScheduler`` via ``timm.scheduler.create_scheduler_v2``. RSB stepped it per epoch
-  (warmup and cosine), which is the default; ``on_updates=True`` steps it per optimizer update.
-  Call pattern (timm train.py), both calls every time, only the active one acts::
-
-      sched.step_update(num_updates=global_step)   # after every optimizer update
-      sched.step(epoch + 1)                        # at the end of every epoch
-
-  On resume call :func:`sync_scheduler` once with the restored (epoch, step) before training.
+  (warmup and cosine), which is the default; ``on_updates=True`` steps it per optimizer update. The
+  training loop calls ``sched.step(epoch)`` when epoch ``epoch`` starts (per-epoch mode) and
+  ``sched.step_update(num_updates=global_step)`` after every optimizer update (per-update mode): the LR of
+  epoch e is timm's ``step(e)`` value, as in timm's train.py. timm schedulers are stateless functions of
+  the position, so a resumed run gets the same LR from the same calls.
 * A warmup as long as the run or longer is shortened to ``epochs - 1`` with a warning
   (:func:`fit_warmup` says why).
 """
@@ -46,8 +44,6 @@ __all__ = [
     "lr_scale_rule",
     "param_groups",
     "scaled_lr",
-    "scheduled_epochs",
-    "sync_scheduler",
 ]
 
 log = logging.getLogger("launcher.models.optim")
@@ -115,14 +111,12 @@ def create_scheduler(
     warmup_lr: float,
     min_lr: float,
     on_updates: bool = False,
-    cooldown_epochs: int = 0,
 ) -> Scheduler:
     """timm ``CosineLRScheduler``: linear warmup from ``warmup_lr`` inside ``epochs``, cosine to ``min_lr``.
 
     Per epoch by default (RSB); ``on_updates=True`` multiplies every length by ``updates_per_epoch``
-    (optimizer updates, i.e. after gradient accumulation) and steps per update. Training lasts
-    :func:`scheduled_epochs` epochs (``epochs + cooldown_epochs``, the cooldown at ``min_lr``).
-    Constructing it sets the optimizer LR to the epoch-0 value.
+    (optimizer updates, i.e. after gradient accumulation) and steps per update. No cooldown: the cosine
+    reaches ``min_lr`` at the end of ``epochs``. Constructing it sets the optimizer LR to the epoch-0 value.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -141,7 +135,6 @@ def create_scheduler(
         warmup_epochs=fitted,
         warmup_lr=warmup_lr,
         min_lr=min_lr,
-        cooldown_epochs=cooldown_epochs,
         step_on_epochs=not on_updates,
         updates_per_epoch=updates_per_epoch,
     )
@@ -157,21 +150,6 @@ def fit_warmup(warmup_epochs: float, epochs: int) -> float:
     test, a quick fine-tune) keeps the recipe's shape: a linear warmup, then the cosine phase.
     """
     return min(warmup_epochs, max(0, epochs - 1))
-
-
-def scheduled_epochs(epochs: int, cooldown_epochs: int = 0) -> int:
-    """Epochs to train for a schedule: the cosine length plus the cooldown at ``min_lr``."""
-    return epochs + cooldown_epochs
-
-
-def sync_scheduler(scheduler: Scheduler, *, epoch: int, num_updates: int) -> None:
-    """Set the LR for position (epoch, optimizer updates done) - at start and after a resume.
-
-    timm schedulers are stateless functions of t, so this gives the same LR an uninterrupted run
-    had at that point, whichever of the two modes is active.
-    """
-    scheduler.step(epoch)
-    scheduler.step_update(num_updates=num_updates)
 
 
 def lr_scale_rule(opt_name: str) -> str:

@@ -34,7 +34,6 @@ from launcher.models.registry import RESNET_NAMES, unwrap_model
 
 __all__ = [
     "RESNET_NAMES",
-    "TRAINABLE_CHOICES",
     "WeightsUnavailableError",
     "convert_sync_batchnorm",
     "create_resnet",
@@ -50,7 +49,6 @@ log = logging.getLogger(__name__)
 
 # Stages from the head backwards: trainable_layers=N unfreezes the last N entries.
 _STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
-TRAINABLE_CHOICES = ("1", "2", "3", "4", "5", "all")
 
 
 def create_resnet(

@@ -138,7 +138,10 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator, accelerator_precisio
     if cfg.sync_bn and world > 1:
         model = convert_sync_batchnorm(model)
     model = model.to(device)
-    if cfg.channels_last:
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    # DeepSpeed broadcasts parameters as flat byte views, which channels-last weights cannot give: under it
+    # the weights stay NCHW (the batches are still channels-last, so convolutions still pick NHWC kernels).
+    if cfg.channels_last and not deepspeed:
         model = model.to(memory_format=torch.channels_last)
 
     micro, micro_why = _micro_batch(cfg, model, accelerator, num_classes)
@@ -196,7 +199,6 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator, accelerator_precisio
         ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
     if cfg.compile:
         model = torch.compile(model)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
         configure_deepspeed(accelerator, cfg, accelerator_precision, micro, accumulation)
     model, optimizer = accelerator.prepare(model, optimizer)
