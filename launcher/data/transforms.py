@@ -6,14 +6,15 @@ builds, so the random draws happen in timm's order). Eval = resize the shorter s
 ``floor(size / crop_pct)`` + center crop (timm ``transforms_imagenet_eval``). Normalization is left to
 the device (:class:`launcher.data.BatchTransform`).
 
-Why tensors for decode/crop/resize and PIL only for RandAugment (measured on photo-like 470x390
-JPEGs, one core; see benchmarks/README.md): ``torchvision.io.decode_jpeg`` decodes about as fast as
-PIL, but torch's uint8 antialiased bicubic resize is several times faster than PIL's, and RandAugment
-(timm, PIL ops) costs the same either way. When the crop is at least twice the output size in both
-directions, PIL's JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, which is
-cheaper than a full decode (common at 160 px or for large photos). Pixel values differ from timm's
-all-PIL pipeline by rounding only (tests bound the difference); the crop box, flip and RandAugment
-draws are identical.
+Why this shape (measured on photo-like JPEGs, one core; see benchmarks/loader.py): plain JPEGs (no EXIF
+block) are sized from their headers and decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo),
+without ``Image.open``; torch's uint8 antialiased bicubic resize is several times faster than PIL's;
+RandAugment runs timm's own op objects with array pixel ops (:mod:`launcher.data.randaugment`), which
+halves its cost, mostly on shear / translate. When the crop is at least twice the output size in both
+directions, PIL's JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, which is cheaper
+than a full decode (common at 160 px or for large photos). Pixel values differ from timm's all-PIL
+pipeline by rounding only (tests bound the difference); the crop box, flip and RandAugment draws are
+identical.
 """
 
 from __future__ import annotations
