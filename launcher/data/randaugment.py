@@ -86,9 +86,12 @@ def solarize(img: np.ndarray, thresh: int, **_: object) -> np.ndarray:
 def solarize_add(img: np.ndarray, add: int, thresh: int = 128, **_: object) -> np.ndarray:
     """timm's ``solarize_add``: values below thresh become ``min(255, value + add)``."""
     add = min(max(add, 0), 255)
+    below = np.less(img, thresh).view(np.uint8)
+    if thresh + add <= 256:  # timm's case (thresh 128, add <= 110): no value passes 255
+        return img + below * np.uint8(add)
     out = np.minimum(img, np.uint8(255 - add))
     out += np.uint8(add)
-    np.copyto(out, img, where=np.greater_equal(img, thresh))
+    np.copyto(out, img, where=below == 0)
     return out
 
 
@@ -110,7 +113,7 @@ def equalize(img: np.ndarray, **_: object) -> np.ndarray:
     """``ImageOps.equalize``: per channel, Pillow's integer histogram equalization table."""
     luts = np.empty((3, 256), np.uint8)
     for channel in range(3):
-        histogram = np.bincount(img[channel].ravel(), minlength=256)
+        histogram = np.asarray(Image.fromarray(img[channel]).histogram())  # ~2x faster than np.bincount
         used = histogram[histogram > 0]
         step = (int(used.sum()) - int(used[-1])) // 255 if len(used) > 1 else 0
         if not step:
@@ -216,8 +219,8 @@ def _resample_lines(img: np.ndarray, shift: np.ndarray, axis: int, fill: tuple[i
     lines = planes if axis == 2 else planes.transpose(1, 2)  # (3, lines, size), a view
     _, count, size = lines.shape
     fills = list(fill) if isinstance(fill, (tuple, list)) else [fill] * 3
-    out = torch.empty(img.shape, dtype=torch.uint8)
-    out_lines = out if axis == 2 else out.transpose(1, 2)
+    out = np.empty_like(img)
+    out_lines = out if axis == 2 else out.transpose(0, 2, 1)
     inside = _line_ranges(shift, size)  # Pillow paints the fill outside these
     translate = shift.size == 1
     begin, end = (int(inside[0, 0]), int(inside[1, 0])) if translate else (0, size)
@@ -226,7 +229,7 @@ def _resample_lines(img: np.ndarray, shift: np.ndarray, axis: int, fill: tuple[i
             out_lines[channel, :, :begin] = value
             out_lines[channel, :, end:] = value
         if begin >= end:
-            return out.numpy()
+            return out
     position = (begin + 0.5 + shift) - 0.5  # Pillow's x' - 0.5 at the first computed pixel of each line
     start = np.floor(position)
     coefficients = _CUBIC_WEIGHTS if cubic else _LINEAR_WEIGHTS
@@ -244,13 +247,13 @@ def _resample_lines(img: np.ndarray, shift: np.ndarray, axis: int, fill: tuple[i
     values = torch.addcmul(torch.tensor(_TRUNCATION_SLACK), taps[:, :, :length], weights[0])
     for k in range(1, len(weights)):
         values.addcmul_(taps[:, :, k:k + length], weights[k])
-    out_lines[:, :, begin:end].copy_(values.clamp_(0, 255))  # truncates, like Pillow
-    result = out.numpy()
+    # clip and truncate to uint8 in one pass, like Pillow's clip + cast
+    np.clip(values.numpy(), 0, 255, out=out_lines[:, :, begin:end], casting="unsafe")
     if not translate and ((inside[0] > 0) | (inside[1] < size)).any():
         pixel = np.arange(size)
         outside = (pixel < inside[0][:, None]) | (pixel >= inside[1][:, None])  # (lines, size)
-        np.copyto(result, np.array(fills, np.uint8)[:, None, None], where=outside if axis == 2 else outside.T)
-    return result
+        np.copyto(out, np.array(fills, np.uint8)[:, None, None], where=outside if axis == 2 else outside.T)
+    return out
 
 
 def _shift(img: np.ndarray, shift: np.ndarray, axis: int, matrix: tuple[float, ...], *,
