@@ -197,6 +197,9 @@ class TrainTransform:
         self.array_augment = array_augment(secondary) if self.augment is not None else None
         self.size = (img_size, img_size)
         self.draft = draft
+        self._no_pixels = torch.empty(1, 1, 1, dtype=torch.uint8)  # expanded to an image shape, no storage
+        # timm's RandomHorizontalFlip draws torch.rand(1) < p in float32: the same test on the float value
+        self._flip_below = float(np.float32(hflip))
 
     def _interpolation(self) -> TF.InterpolationMode:
         mode = self.crop.interpolation
@@ -209,8 +212,7 @@ class TrainTransform:
         if size is None:
             return self._augment(*self._decode_via_pil(data))
         # the crop draws need the size only: a tensor of that shape without storage stands in
-        box = self.crop.get_params(torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, size[1], size[0]),
-                                   self.crop.scale, self.crop.ratio)
+        box = self.crop.get_params(self._no_pixels.expand(3, size[1], size[0]), self.crop.scale, self.crop.ratio)
         interpolation = self._interpolation()
         if self.draft and _draft_factor(box, self.size) > 1:
             tensor, box = decode_region(data, _open(data), box, self.size, upright=True)
@@ -238,7 +240,7 @@ class TrainTransform:
 
     def _augment(self, tensor: torch.Tensor, box: tuple, interpolation: TF.InterpolationMode) -> torch.Tensor:
         out = _resized_crop(tensor, box, self.size, interpolation)
-        flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
+        flip = self.hflip > 0 and torch.rand(1).item() < self._flip_below
         if self.array_augment is not None:
             # the resize output is channels-last (a contiguous HWC view); the ops want planes, and the
             # copy into planes flips for free
