@@ -90,3 +90,48 @@ def test_png_and_bad_bytes(photo):
     assert out.shape == (3, 16, 16) and int(out.float().mean().round()) == 128
     with pytest.raises(ValueError, match="not an image"):
         TrainTransform(16)(b"garbage")
+
+
+def _encode(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return buffer.getvalue()
+
+
+def test_plain_jpeg_size_reads_headers_or_leaves_the_file_to_pil(photo):
+    from launcher.data.transforms import plain_jpeg_size
+
+    rgb = Image.open(io.BytesIO(photo)).convert("RGB")
+    assert plain_jpeg_size(photo) == rgb.size == (470, 390)
+    assert plain_jpeg_size(_encode(rgb, format="JPEG", progressive=True)) == rgb.size
+    assert plain_jpeg_size(_encode(rgb.convert("L"), format="JPEG")) == rgb.size
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation: only PIL applies it
+    assert plain_jpeg_size(_encode(rgb, format="JPEG", exif=exif)) is None
+    assert plain_jpeg_size(_encode(rgb.convert("CMYK"), format="JPEG")) is None
+    assert plain_jpeg_size(_encode(rgb, format="PNG")) is None
+    assert plain_jpeg_size(photo[:300]) is None and plain_jpeg_size(b"\xff\xd8\x00garbage") is None
+
+
+def test_header_path_and_pil_path_give_the_same_sample(photo):
+    ours = TrainTransform(64)
+    for seed in range(4):
+        seed_everything_for_sample(seed)
+        a = ours(photo)
+        seed_everything_for_sample(seed)
+        b = ours._augment(*ours._decode_via_pil(photo))
+        assert torch.equal(a, b)
+
+
+def test_exif_orientation_still_applied(photo):
+    rgb = Image.open(io.BytesIO(photo)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 270: the upright image is 390 x 470
+    rotated = _encode(rgb, format="JPEG", exif=exif, quality=95)
+    upright = _encode(rgb.transpose(Image.Transpose.ROTATE_270), format="JPEG", quality=95)
+    ours = TrainTransform(48, auto_augment=None, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    seed_everything_for_sample(0)
+    a = ours(rotated)
+    seed_everything_for_sample(0)
+    b = ours(upright)
+    assert (a.int() - b.int()).abs().float().mean() < 3  # same content, JPEG re-encoding noise only

@@ -6,14 +6,15 @@ builds, so the random draws happen in timm's order). Eval = resize the shorter s
 ``floor(size / crop_pct)`` + center crop (timm ``transforms_imagenet_eval``). Normalization is left to
 the device (:class:`launcher.data.BatchTransform`).
 
-Why tensors for decode/crop/resize and PIL only for RandAugment (measured on photo-like 470x390
-JPEGs, one core; see benchmarks/README.md): ``torchvision.io.decode_jpeg`` decodes about as fast as
-PIL, but torch's uint8 antialiased bicubic resize is several times faster than PIL's, and RandAugment
-(timm, PIL ops) costs the same either way. When the crop is at least twice the output size in both
-directions, PIL's JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, which is
-cheaper than a full decode (common at 160 px or for large photos). Pixel values differ from timm's
-all-PIL pipeline by rounding only (tests bound the difference); the crop box, flip and RandAugment
-draws are identical.
+Why this shape (measured on photo-like JPEGs, one core; see benchmarks/loader.py): plain JPEGs (no EXIF
+block) are sized from their headers and decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo),
+without ``Image.open``; torch's uint8 antialiased bicubic resize is several times faster than PIL's;
+RandAugment runs timm's own op objects with array pixel ops (:mod:`launcher.data.randaugment`), which
+halves its cost, mostly on shear / translate. When the crop is at least twice the output size in both
+directions, PIL's JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, which is cheaper
+than a full decode (common at 160 px or for large photos). Pixel values differ from timm's all-PIL
+pipeline by rounding only (tests bound the difference); the crop box, flip and RandAugment draws are
+identical.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, create_transform
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from launcher.data.images import exif_orientation, to_rgb
+from launcher.data.randaugment import array_augment, to_planar
 
 _INTERPOLATION = {
     "bicubic": TF.InterpolationMode.BICUBIC,
@@ -56,6 +58,51 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError(f"not an image: {type(error).__name__}: {error}") from None
 
 
+_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (not DHT, JPG, DAC)
+
+
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG with 1 or 3 components and no EXIF block, read from its headers.
+
+    None for anything else (other formats, EXIF that may hold an orientation, odd layouts): those go
+    through ``Image.open``, which costs ~0.09 ms per sample more than reading these few bytes.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    size, pos = None, 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: all headers read
+            return size
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos + 4:pos + 2 + length]
+        if length < 2 or (marker == 0xE1 and segment.startswith(b"Exif\0\0")):
+            return None
+        if marker in _FRAME_MARKERS:
+            if size is not None or len(segment) < 6 or segment[5] not in (1, 3):
+                return None
+            height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
+            if not (height and width):
+                return None
+            size = (width, height)
+        pos += 2 + length
+    return None
+
+
+def _decode_jpeg(data: bytes) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of torchcodec; decode_jpeg only reads the
+        # buffer, so wrapping the (read-only) bytes without a copy is safe
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     if image.mode != "RGB":
         image = to_rgb(image)
@@ -70,9 +117,7 @@ def decode_full(data: bytes, image: Image.Image, upright: bool | None = None) ->
     upright = exif_orientation(image) == 1 if upright is None else upright
     if image.format == "JPEG" and upright:
         try:
-            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return _decode_jpeg(data)
         except RuntimeError:
             image = _open(data)  # let PIL try (and explain) before giving up
     try:
@@ -94,11 +139,8 @@ def decode_region(
     the crop is at least twice the output in both directions.
     """
     top, left, height, width = box
-    factor = 1
     upright = exif_orientation(image) == 1 if upright is None else upright
-    if image.format == "JPEG" and upright:
-        while factor < 8 and height >= 2 * factor * out_size[0] and width >= 2 * factor * out_size[1]:
-            factor *= 2
+    factor = _draft_factor(box, out_size) if image.format == "JPEG" and upright else 1
     if factor == 1:
         return decode_full(data, image, upright), box
     full_w, full_h = image.size
@@ -110,6 +152,15 @@ def decode_region(
     sy, sx = tensor.shape[1] / full_h, tensor.shape[2] / full_w
     scaled = (int(top * sy), int(left * sx), max(1, round(height * sy)), max(1, round(width * sx)))
     return tensor, scaled
+
+
+def _draft_factor(box: tuple, out_size: Sequence[int]) -> int:
+    """The JPEG draft (DCT) downscale, 1, 2, 4 or 8, that keeps the crop at least the output size."""
+    _, _, height, width = box
+    factor = 1
+    while factor < 8 and height >= 2 * factor * out_size[0] and width >= 2 * factor * out_size[1]:
+        factor *= 2
+    return factor
 
 
 def _load_oriented(image: Image.Image) -> Image.Image:
@@ -142,8 +193,13 @@ class TrainTransform:
         self.crop = primary.transforms[0]
         self.hflip = hflip
         self.augment = secondary if secondary.transforms else None
+        # the same timm RandAugment / AutoAugment objects with uint8-array pixel ops (None: PIL path)
+        self.array_augment = array_augment(secondary) if self.augment is not None else None
         self.size = (img_size, img_size)
         self.draft = draft
+        self._no_pixels = torch.empty(1, 1, 1, dtype=torch.uint8)  # expanded to an image shape, no storage
+        # timm's RandomHorizontalFlip draws torch.rand(1) < p in float32: the same test on the float value
+        self._flip_below = float(np.float32(hflip))
 
     def _interpolation(self) -> TF.InterpolationMode:
         mode = self.crop.interpolation
@@ -152,6 +208,22 @@ class TrainTransform:
         return _PIL_TO_TV.get(mode, mode) if not isinstance(mode, TF.InterpolationMode) else mode
 
     def __call__(self, data: bytes) -> torch.Tensor:
+        size = plain_jpeg_size(data)
+        if size is None:
+            return self._augment(*self._decode_via_pil(data))
+        # the crop draws need the size only: a tensor of that shape without storage stands in
+        box = self.crop.get_params(self._no_pixels.expand(3, size[1], size[0]), self.crop.scale, self.crop.ratio)
+        interpolation = self._interpolation()
+        if self.draft and _draft_factor(box, self.size) > 1:
+            tensor, box = decode_region(data, _open(data), box, self.size, upright=True)
+        else:
+            try:
+                tensor = _decode_jpeg(data)
+            except RuntimeError:
+                tensor = decode_full(data, _open(data), upright=True)  # PIL decodes it or explains why not
+        return self._augment(tensor, box, interpolation)
+
+    def _decode_via_pil(self, data: bytes) -> tuple[torch.Tensor, tuple, TF.InterpolationMode]:
         image = _open(data)
         oriented = exif_orientation(image) != 1
         if oriented:  # rare (folder sources only): decode fully, then crop the upright image
@@ -164,8 +236,17 @@ class TrainTransform:
             tensor, box = decode_region(data, image, box, self.size, upright=True)
         else:
             tensor = decode_full(data, image, upright=True)
+        return tensor, box, interpolation
+
+    def _augment(self, tensor: torch.Tensor, box: tuple, interpolation: TF.InterpolationMode) -> torch.Tensor:
         out = _resized_crop(tensor, box, self.size, interpolation)
-        if self.hflip > 0 and torch.rand(1) < self.hflip:
+        flip = self.hflip > 0 and torch.rand(1).item() < self._flip_below
+        if self.array_augment is not None:
+            # the resize output is channels-last (a contiguous HWC view); the ops want planes, and the
+            # copy into planes flips for free
+            hwc = out.permute(1, 2, 0).numpy()
+            return torch.from_numpy(self.array_augment(to_planar(hwc[:, ::-1] if flip else hwc)))
+        if flip:
             out = out.flip(-1)
         if self.augment is not None:
             # contiguous HWC bytes make Image.fromarray a plain copy (a strided view costs ~10x more)
