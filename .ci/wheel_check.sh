@@ -23,6 +23,6 @@ launcher slurm --nodes 2 --gpus-per-node 8 --recipe a2 --data X --dry-run > slur
 grep -q "^#SBATCH --nodes=2" slurm.sbatch && grep -q "^#SBATCH --gpus-per-node=8" slurm.sbatch && grep -q "^slurm_main" slurm.sbatch
 bash -n slurm.sbatch
 echo "wheel check: launcher slurm --dry-run OK (self-contained script)"
-launcher demo --quiet
+launcher demo --quiet --epochs 1
 test -f runs/demo/train/summary.json && test -f runs/demo/train/report.html
 echo "wheel check: launcher demo OK"
