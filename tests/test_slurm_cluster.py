@@ -37,13 +37,13 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "slurm" / "resnet18.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 JOB_TIMEOUT_S = 420
-# 60 images, global batch 8 -> 7 steps per epoch; 4 epochs = 28 steps, long enough to signal mid-run.
+# 60 images, global batch 8 -> ceil(60 / 8) = 8 steps per epoch; 4 epochs = 32 steps, long enough to signal mid-run.
 TRAIN_ARGS = (
     "--img-size 32 --epochs 4 --warmup-epochs 0 --global-batch 8 --micro-batch 4 --workers 0 --no-progress "
     "--val-split= --log-every 1 --precision fp32 --aug-repeats 0 --mixup 0 --cutmix 0 --auto-augment none "
     "--threads 1 --seed 3"
 )
-FINAL_STEP = 28
+FINAL_STEP = 32
 # Stands in for a recipe to test the launch path alone: the ranks meet, all-reduce, rank 0 writes the summary.
 ALLREDUCE_SCRIPT = """import argparse, json, os
 import torch
@@ -197,7 +197,7 @@ def kill_one_rank(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
         if info.get("JobState") in TERMINAL:
             job.events.append("finished before a rank could be killed")
             return
-        if info.get("JobState") == "RUNNING" and trained_steps(job.run_dir) >= 9:  # epoch 1 (7 steps) checkpointed
+        if info.get("JobState") == "RUNNING" and trained_steps(job.run_dir) >= 10:  # epoch 1 (8 steps) checkpointed
             break
         time.sleep(0.3)
     ranks = []
