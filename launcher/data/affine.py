@@ -39,6 +39,7 @@ TRUNCATION_SLACK = 2.5e-4
 # (x0 - 1, x0, x0 + 1, x0 + 2): rows are taps, columns the coefficients of 1, d, d^2, d^3
 _CUBIC_WEIGHTS = np.array([[0, -1, 2, -1], [1, 0, -2, 1], [0, 1, 1, -1], [0, 0, -1, 1]], np.float64)
 _LINEAR_WEIGHTS = np.array([[1, -1], [0, 1]], np.float64)  # v = a + (b - a) d
+_SLACK = torch.tensor(TRUNCATION_SLACK)  # read only
 
 
 def fill_values(fillcolor: object) -> np.ndarray:
@@ -60,18 +61,9 @@ def _truncate_into(values: np.ndarray, out: np.ndarray) -> None:
 # one coordinate moves: shear / translate
 
 
-def _line_ranges(shift: np.ndarray, size: int) -> np.ndarray:
-    """Per line, [first, end) of the pixels i whose source coordinate (i + 0.5) + shift, in double like
-    Pillow, lies in [0, size) (2, lines). The closed-form estimate can only be one pixel off."""
-    bounds = np.array([[0.0], [float(size)]])
-    index = np.clip(np.ceil(bounds - 0.5 - shift), 0, size)
-    index -= (index > 0) & ((index - 0.5) + shift >= bounds)
-    index += (index < size) & ((index + 0.5) + shift < bounds)
-    return index.astype(np.int64)
-
-
 def _first_at_or_above(bound: float, shift: float, size: int) -> int:
-    """:func:`_line_ranges` for one line, in Python floats (IEEE doubles, like numpy's)."""
+    """The first pixel i in [0, size] whose source coordinate (i + 0.5) + shift, in double like Pillow,
+    is at least ``bound``. The closed-form estimate can only be one pixel off."""
     index = min(max(math.ceil(bound - 0.5 - shift), 0), size)
     if index > 0 and (index - 0.5) + shift >= bound:
         index -= 1
@@ -88,14 +80,12 @@ def _line_weights(position: np.ndarray, cubic: bool) -> tuple[np.ndarray, torch.
     return start, torch.from_numpy((coefficients @ powers).astype(np.float32))
 
 
-def _weighted_taps(lines: torch.Tensor, weights: list[torch.Tensor], axis: int, length: int) -> torch.Tensor:
+def _weighted_taps(lines: torch.Tensor, weights: torch.Tensor, axis: int, length: int) -> torch.Tensor:
     """slack + sum_k weights[k] * lines[k:k + length] along ``axis``, in Pillow's tap order (float32)."""
-    def tap(k: int) -> torch.Tensor:
-        return lines[:, :, k:k + length] if axis == 2 else lines[:, k:k + length]
-
-    values = torch.addcmul(torch.tensor(TRUNCATION_SLACK), tap(0), weights[0])
+    weights = weights.unbind(0)
+    values = torch.addcmul(_SLACK, lines.narrow(axis, 0, length), weights[0])
     for k in range(1, len(weights)):
-        values.addcmul_(tap(k), weights[k])
+        values.addcmul_(lines.narrow(axis, k, length), weights[k])
     return values
 
 
@@ -117,7 +107,7 @@ def _translate(img: np.ndarray, shift: float, axis: int, fills: np.ndarray, cubi
     if first < 0 or last > size:  # Pillow clamps the taps to the image: repeat the edge pixels
         window = torch.cat([_repeat_edge(window, axis, 0, -first), window,
                             _repeat_edge(window, axis, -1, last - size)], axis)
-    values = _weighted_taps(window, list(weights.view(-1, 1, 1, 1)), axis, length)
+    values = _weighted_taps(window, weights.view(-1, 1, 1, 1), axis, length)
     _truncate_into(values.numpy(), out[:, :, begin:end] if axis == 2 else out[:, begin:end])
     return out
 
@@ -146,14 +136,12 @@ def _shear(img: np.ndarray, shift: np.ndarray, axis: int, fills: np.ndarray, cub
         index += torch.arange(width, dtype=torch.int32)
         weight_shape = (-1, 1, 1, width)
     taps = torch.from_numpy(img).view(3, -1).float().index_select(1, index.view(-1)).view(3, *index.shape)
-    values = _weighted_taps(taps, list(weights.view(weight_shape)), axis, size)
+    values = _weighted_taps(taps, weights.view(weight_shape), axis, size)
     out = np.empty_like(img)
     _truncate_into(values.numpy(), out)
-    inside = _line_ranges(shift, size)
-    if (inside[0] > 0).any() or (inside[1] < size).any():
-        pixel = np.arange(size)
-        outside = (pixel < inside[0][:, None]) | (pixel >= inside[1][:, None])  # (lines, size)
-        np.copyto(out, fills[:, None, None], where=outside if axis == 2 else outside.T)
+    source = np.add.outer(shift, np.arange(size) + 0.5)  # Pillow's x' = (x + 0.5) + shift, per line
+    outside = (source < 0) | (source >= size)  # (lines, size)
+    np.copyto(out, fills[:, None, None], where=outside if axis == 2 else outside.T)
     return out
 
 
