@@ -126,21 +126,24 @@ def per_image_paths(files: list[Path], img_size: int, auto_augment: str | None, 
             wall[name].append(wall_s / count * 1e3)
     return {"wall": {name: round(statistics.median(values), 3) for name, values in wall.items()},
             "cpu": {name: round(statistics.median(values), 3) for name, values in cpu.items()},
-            "cpu_ratio_rounds": [round(ours / timm, 3) for ours, timm in zip(cpu["train_launcher"], cpu["train_timm_pil"])]}
+            "cpu_ratio_rounds": [round(ours / timm, 3)
+                                 for ours, timm in zip(cpu["train_launcher"], cpu["train_timm_pil"])]}
 
 
 def analysis(ms: dict, medians: dict) -> str:
     """Where the per-image time goes, ours against timm's PIL path, and the loader medians."""
     cpu, wall = ms["cpu"], ms["wall"]
     ours, timm = cpu["train_launcher"], cpu["train_timm_pil"]
+    rounds = ms["cpu_ratio_rounds"]
     text = (f"per image on one core (CPU time): timm's PIL train path {timm:.2f} ms, ours {ours:.2f} ms "
-            f"(ratio {ours / timm:.2f}, rounds {min(ms['cpu_ratio_rounds']):.2f}-{max(ms['cpu_ratio_rounds']):.2f}; "
-            f"wall time {wall['train_launcher']:.2f} vs {wall['train_timm_pil']:.2f} ms, "
-            f"ratio {wall['train_launcher'] / wall['train_timm_pil']:.2f}). Same crop, flip and RandAugment draws. "
-            f"Without RandAugment: timm {cpu['train_timm_pil_no_randaugment']:.2f} ms, ours "
-            f"{cpu['train_launcher_no_randaugment']:.2f} ms (decode {cpu['decode_jpeg_torchvision']:.2f} ms with "
-            f"torchvision vs {cpu['decode_pil']:.2f} ms with PIL). RandAugment alone on 224 px crops: timm's PIL ops "
-            f"{cpu['rand_augment_timm_pil']:.2f} ms, ours {cpu['rand_augment_launcher']:.2f} ms (Rotate is Pillow's in both).")
+            f"(ratio {ours / timm:.2f}, rounds {min(rounds):.2f}-{max(rounds):.2f}; wall time "
+            f"{wall['train_launcher']:.2f} vs {wall['train_timm_pil']:.2f} ms, "
+            f"ratio {wall['train_launcher'] / wall['train_timm_pil']:.2f}). Same crop, flip and RandAugment "
+            f"draws. Without RandAugment: timm {cpu['train_timm_pil_no_randaugment']:.2f} ms, ours "
+            f"{cpu['train_launcher_no_randaugment']:.2f} ms (decode {cpu['decode_jpeg_torchvision']:.2f} ms "
+            f"with torchvision vs {cpu['decode_pil']:.2f} ms with PIL). RandAugment alone on 224 px crops: "
+            f"timm's PIL ops {cpu['rand_augment_timm_pil']:.2f} ms, "
+            f"ours {cpu['rand_augment_launcher']:.2f} ms (Rotate is Pillow's in both).")
     if medians:
         text += " Loader medians: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in medians.items()) + "."
     return text

@@ -157,7 +157,8 @@ def test_decoder_operator_and_direct_resize_match_torchvision(photo):
         reference = decode_jpeg(torch.frombuffer(bytearray(photo), dtype=torch.uint8), mode=ImageReadMode.RGB)
     decoded = _decode_jpeg(photo)
     assert torch.equal(decoded, reference)
-    for box, size in [((10, 20, 300, 250), (224, 224)), ((0, 0, 390, 470), (64, 80)), ((5, 5, 40, 30), (96, 96))]:
+    boxes_and_sizes = [((10, 20, 300, 250), (224, 224)), ((0, 0, 390, 470), (64, 80)), ((5, 5, 40, 30), (96, 96))]
+    for box, size in boxes_and_sizes:
         top, left, height, width = box
         expected = TF.resize(decoded[:, top:top + height, left:left + width], list(size),
                              interpolation=TF.InterpolationMode.BICUBIC, antialias=True)

@@ -10,11 +10,11 @@ Why this shape (measured on photo-like JPEGs, one core; see benchmarks/loader.py
 block) are sized from their headers and decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo),
 without ``Image.open``; torch's uint8 antialiased bicubic resize is several times faster than PIL's;
 RandAugment runs timm's own op objects with array pixel ops (:mod:`launcher.data.randaugment`), ~40 %
-cheaper, mostly on shear / translate (Rotate, still Pillow's, is nearly half of what remains). When the crop is at least twice the output size in both
-directions, PIL's JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, which is cheaper
-than a full decode (common at 160 px or for large photos). Pixel values differ from timm's all-PIL
-pipeline by rounding only (tests bound the difference); the crop box, flip and RandAugment draws are
-identical.
+cheaper, mostly on shear / translate (Rotate, still Pillow's, is nearly half of what remains). When the
+crop is at least twice the output size in both directions, PIL's JPEG draft mode decodes at 1/2, 1/4 or
+1/8 scale in the DCT domain, which is cheaper than a full decode (common at 160 px or for large photos).
+Pixel values differ from timm's all-PIL pipeline by rounding only (tests bound the difference); the crop
+box, flip and RandAugment draws are identical.
 """
 
 from __future__ import annotations
