@@ -7,8 +7,8 @@ runs the three loaders with the same augmentation (RandomResizedCrop bicubic + f
 workers, batch size and images, interleaved epoch by epoch. The first epoch of each loader is a
 warm-up (worker start); the medians of the others are reported, with ``ratio_vs_imagefolder`` and
 ``ratio_vs_timm``. A second part times single-image decode and transform paths on one core (medians of
-interleaved rounds, wall and CPU time), including RandAugment alone in timm's PIL ops and in ours, and
-``per_image_ratio_vs_timm`` (ours / timm's PIL train path).
+interleaved rounds, wall and CPU time), including both train paths without RandAugment and RandAugment
+alone in timm's PIL ops and in ours, and ``per_image_ratio_vs_timm`` (ours / timm's PIL train path).
 """
 
 from __future__ import annotations
@@ -57,13 +57,16 @@ def build_loaders(images: Path, shards: Path, args) -> dict:
     return {"launcher": ours, "imagefolder": folder, "timm": timm_loader}
 
 
-def per_image_paths(files: list[Path], img_size: int, auto_augment: str | None, rounds: int = 5) -> dict:
+def per_image_paths(files: list[Path], img_size: int, auto_augment: str | None, rounds: int = 5,
+                    chunk: int = 10) -> dict:
     """Median milliseconds per image on one core for each decode / transform path and RandAugment alone.
 
-    The paths run interleaved, ``rounds`` times over the same images from the same RNG state (so the
-    train paths make identical crop, flip and RandAugment draws); the median round is reported, as
-    wall time and as CPU time of this process (the fairer one-core cost on a machine shared with
-    other jobs: time spent waiting for a core is not counted).
+    Each round walks the images in chunks of ``chunk``; every path runs each chunk in turn (order
+    reversed every other round), from the same RNG state (so the train paths make identical crop, flip
+    and RandAugment draws). Interleaving at that grain keeps a load change on a shared machine from
+    landing on one path only. The median round is reported, as wall time and as CPU time of this
+    process (the fairer one-core cost on a machine shared with other jobs: time spent waiting for a
+    core is not counted), with the per-round CPU ratios of ours to timm's train path.
     """
     from PIL import Image
     from timm.data import create_transform
@@ -95,8 +98,10 @@ def per_image_paths(files: list[Path], img_size: int, auto_augment: str | None, 
         "decode_pil": (datas, lambda d: Image.open(io.BytesIO(d)).convert("RGB")),
         "decode_jpeg_torchvision": (datas, lambda d: decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8))),
         "train_timm_pil": (datas, pil_pipeline(timm_train)),
+        "train_timm_pil_no_randaugment": (datas, pil_pipeline(primary.transforms)),
         "train_launcher_no_draft": (datas, TrainTransform(img_size, auto_augment=auto_augment, draft=False)),
         "train_launcher": (datas, train),
+        "train_launcher_no_randaugment": (datas, TrainTransform(img_size, auto_augment=None, draft=True)),
         "rand_augment_timm_pil": (crops, secondary),
         "rand_augment_launcher": (planar_crops, train.array_augment or (lambda img: img)),
         "eval_timm_pil": (datas, pil_pipeline(timm_eval)),
@@ -104,29 +109,44 @@ def per_image_paths(files: list[Path], img_size: int, auto_augment: str | None, 
     }
     wall: dict[str, list[float]] = {name: [] for name in paths}
     cpu: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, (items, fn) in paths.items():
-            seed_everything_for_sample(0)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for item in items:
-                fn(item)
-            cpu[name].append((time.process_time() - start_cpu) / len(items) * 1e3)
-            wall[name].append((time.perf_counter() - start) / len(items) * 1e3)
+    count = len(datas)
+    for round_index in range(rounds):
+        order = list(paths.items()) if round_index % 2 == 0 else list(paths.items())[::-1]
+        spent = {name: [0.0, 0.0] for name in paths}
+        for first in range(0, count, chunk):
+            for name, (items, fn) in order:
+                seed_everything_for_sample(first)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for item in items[first:first + chunk]:
+                    fn(item)
+                spent[name][0] += time.process_time() - start_cpu
+                spent[name][1] += time.perf_counter() - start
+        for name, (cpu_s, wall_s) in spent.items():
+            cpu[name].append(cpu_s / count * 1e3)
+            wall[name].append(wall_s / count * 1e3)
     return {"wall": {name: round(statistics.median(values), 3) for name, values in wall.items()},
-            "cpu": {name: round(statistics.median(values), 3) for name, values in cpu.items()}}
+            "cpu": {name: round(statistics.median(values), 3) for name, values in cpu.items()},
+            "cpu_ratio_rounds": [round(ours / timm, 3)
+                                 for ours, timm in zip(cpu["train_launcher"], cpu["train_timm_pil"])]}
 
 
 def analysis(ms: dict, medians: dict) -> str:
     """Where the per-image time goes, ours against timm's PIL path, and the loader medians."""
     cpu, wall = ms["cpu"], ms["wall"]
     ours, timm = cpu["train_launcher"], cpu["train_timm_pil"]
-    return (f"per image on one core (CPU time): timm's PIL train path {timm:.2f} ms, ours {ours:.2f} ms "
-            f"(ratio {ours / timm:.2f}; wall time {wall['train_launcher']:.2f} vs {wall['train_timm_pil']:.2f} ms, "
-            f"ratio {wall['train_launcher'] / wall['train_timm_pil']:.2f}). Same crop, flip and RandAugment draws. "
-            f"RandAugment alone: timm's PIL ops {cpu['rand_augment_timm_pil']:.2f} ms, ours "
-            f"{cpu['rand_augment_launcher']:.2f} ms (Rotate is Pillow's in both); decode "
-            f"{cpu['decode_jpeg_torchvision']:.2f} ms (torchvision) vs {cpu['decode_pil']:.2f} ms (PIL). "
-            "Loader medians: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in medians.items()) + ".")
+    rounds = ms["cpu_ratio_rounds"]
+    text = (f"per image on one core (CPU time): timm's PIL train path {timm:.2f} ms, ours {ours:.2f} ms "
+            f"(ratio {ours / timm:.2f}, rounds {min(rounds):.2f}-{max(rounds):.2f}; wall time "
+            f"{wall['train_launcher']:.2f} vs {wall['train_timm_pil']:.2f} ms, "
+            f"ratio {wall['train_launcher'] / wall['train_timm_pil']:.2f}). Same crop, flip and RandAugment "
+            f"draws. Without RandAugment: timm {cpu['train_timm_pil_no_randaugment']:.2f} ms, ours "
+            f"{cpu['train_launcher_no_randaugment']:.2f} ms (decode {cpu['decode_jpeg_torchvision']:.2f} ms "
+            f"with torchvision vs {cpu['decode_pil']:.2f} ms with PIL). RandAugment alone on 224 px crops: "
+            f"timm's PIL ops {cpu['rand_augment_timm_pil']:.2f} ms, "
+            f"ours {cpu['rand_augment_launcher']:.2f} ms (Rotate is Pillow's in both).")
+    if medians:
+        text += " Loader medians: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in medians.items()) + "."
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"images": len(files), "img_size": args.img_size, "batch": args.batch, "workers": args.workers,
                    "auto_augment": args.auto_augment, "epochs": args.epochs, "warmup_epochs_dropped": 1,
                    "image_source": "launcher.data.sample_data.make_photo_tree (photo-like JPEGs ~500x375)",
-                   "per_image": "first 200 files, 5 interleaved rounds, median round, one thread"},
+                   "per_image": "first 200 files, one thread, 5 rounds; in each round every path runs each chunk of "
+                                "10 images in turn (same seeds), median round"},
         "img_per_s": rates,
         "median_img_per_s": medians,
         "ratio_vs_imagefolder": round(medians["launcher"] / medians["imagefolder"], 3),
@@ -177,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_image_ratio_vs_timm": {
             kind: round(per_image_ms[kind]["train_launcher"] / per_image_ms[kind]["train_timm_pil"], 3)
             for kind in ("cpu", "wall")},
+        "per_image_cpu_ratio_vs_timm_rounds": per_image_ms["cpu_ratio_rounds"],
         "analysis": analysis(per_image_ms, medians),
         "command": f"python benchmarks/loader.py --images DIR --workers {args.workers} --img-size {args.img_size} "
                    f"--batch {args.batch} --epochs {args.epochs} --json OUT",

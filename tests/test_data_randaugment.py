@@ -183,3 +183,19 @@ def test_train_transform_makes_timms_draws_end_to_end(photos):
         diffs.append((out.int() - torch.from_numpy(to_planar(np.asarray(image))).int()).abs().float().mean())
     # pixels differ by resize rounding (torch vs Pillow), carried through the ops; same crop and ops
     assert float(torch.tensor(diffs).median()) < 2.0
+
+
+@pytest.mark.parametrize("fill", [None, 77, 0x102030, (9, 200, 31)])
+def test_geometric_fill_is_pillows(photos, fill):
+    # Pillow paints Image.new("RGB", size, fill): None is black, an int is packed 0xBBGGRR
+    img = photos[3]
+    for name, magnitude in [("TranslateXRel", 6.0), ("ShearY", 9.0)]:
+        op = timm_aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams={"img_mean": (1, 2, 3)})
+        random.seed(0)
+        args = op.level_fn(magnitude, op.hparams)
+        kwargs = {"fillcolor": fill, "resample": Image.Resampling.BICUBIC}
+        expected = to_planar(np.asarray(op.aug_fn(Image.fromarray(img), *args, **dict(kwargs))))
+        got = ARRAY_OPS[op.aug_fn](to_planar(img), *args, **kwargs)
+        assert np.abs(got.astype(np.int16) - expected).max() <= 1
+        corner = (0, 0) if args[0] > 0 else (-1, -1)  # a pixel whose source is outside the image
+        assert tuple(got[:, corner[0], corner[1]]) == tuple(expected[:, corner[0], corner[1]])

@@ -135,3 +135,32 @@ def test_exif_orientation_still_applied(photo):
     seed_everything_for_sample(0)
     b = ours(upright)
     assert (a.int() - b.int()).abs().float().mean() < 3  # same content, JPEG re-encoding noise only
+
+
+def torchvision_lacks_it() -> bool:
+    return not hasattr(torch.ops.image, "decode_jpeg")
+
+
+def test_decoder_operator_and_direct_resize_match_torchvision(photo):
+    """The fast paths (torchvision's decoder operator without its deprecation wrapper, torch's uint8
+    bicubic kernel without torchvision's dispatch) give exactly what the public functions give."""
+    import warnings
+
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from launcher.data.transforms import _DECODE_JPEG_OP, _decode_jpeg, _resized_crop
+
+    assert _DECODE_JPEG_OP is not None or torchvision_lacks_it()  # the public function is the fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = decode_jpeg(torch.frombuffer(bytearray(photo), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    decoded = _decode_jpeg(photo)
+    assert torch.equal(decoded, reference)
+    boxes_and_sizes = [((10, 20, 300, 250), (224, 224)), ((0, 0, 390, 470), (64, 80)), ((5, 5, 40, 30), (96, 96))]
+    for box, size in boxes_and_sizes:
+        top, left, height, width = box
+        expected = TF.resize(decoded[:, top:top + height, left:left + width], list(size),
+                             interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        got = _resized_crop(decoded, box, size, TF.InterpolationMode.BICUBIC)
+        assert torch.equal(got, expected) and got.permute(1, 2, 0).is_contiguous()  # channels-last, as before

@@ -12,32 +12,23 @@ Images are planar ``(3, H, W)`` uint8 arrays, so each op works on whole contiguo
 * Colour ops reproduce Pillow's C code bit for bit: integer formulas (invert, posterize, solarize,
   solarize-add, autocontrast, equalize, Pillow's RGB -> L) and Pillow's float32 blends in its operation
   order (brightness, contrast, color, sharpness).
-* Shear and translate move pixels along one axis only, so Pillow's per-pixel bicubic (a = -1) or
-  bilinear affine sampling becomes one gathered tap window and one small float32 filter per row (or
-  column), 2-3x cheaper than Pillow's generic transform. Pillow computes in double and truncates, so
-  where the exact value sits on (or within ~1e-4 of) an integer the two can land one level apart:
-  ~0.06 % of values on average at RSB magnitudes, up to ~3 % for round shifts such as magnitude 10
-  with bilinear (see tests/test_data_randaugment.py). An exact port needs per-pixel double
-  arithmetic, which costs about as much as Pillow.
-* Rotate needs true 2-D resampling and stays Pillow's op (so does any op without an array version).
+* Shear and translate move pixels along one axis only: one float32 filter per row (or column) with
+  Pillow's coordinates, taps and fill (:mod:`launcher.data.affine`), within one level of Pillow's
+  double arithmetic on ~0.06 % of values at RSB magnitudes.
+* Rotate needs true 2-D resampling and stays Pillow's op (so does any op without an array version):
+  array versions of it measured slower than Pillow's C loop.
 """
 
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Callable
 
 import numpy as np
 import timm.data.auto_augment as timm_aa
-import torch
 from PIL import Image
 
-_BICUBIC = Image.Resampling.BICUBIC
-_BILINEAR = Image.Resampling.BILINEAR
-# Added before truncation: float32 filter sums over a flat window (all taps equal) must not fall
-# just below the tap value; larger than float32's error on these sums (~1.6e-4), small otherwise.
-_TRUNCATION_SLACK = 2.5e-4
+from launcher.data.affine import BICUBIC, BILINEAR, draw_resample, resample_lines
 
 ArrayOp = Callable[..., np.ndarray]
 
@@ -187,81 +178,14 @@ def sharpness(img: np.ndarray, factor: float, **_: object) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# shear / translate: Pillow's affine sampling along one axis
-
-
-# Pillow's BICUBIC macro v = p1 + d (p2 + d (p3 + d p4)) (a = -1) rearranged as weights of the taps
-# (x0 - 1, x0, x0 + 1, x0 + 2): rows are taps, columns the coefficients of 1, d, d^2, d^3
-_CUBIC_WEIGHTS = np.array([[0, -1, 2, -1], [1, 0, -2, 1], [0, 1, 1, -1], [0, 0, -1, 1]], np.float64)
-_LINEAR_WEIGHTS = np.array([[1, -1], [0, 1]], np.float64)  # v = a + (b - a) d
-
-
-def _line_ranges(shift: np.ndarray, size: int) -> np.ndarray:
-    """Per line, [first, end) of the pixels i whose source coordinate (i + 0.5) + shift, in double like
-    Pillow, lies in [0, size) (2, lines). The closed-form estimate can only be one pixel off."""
-    bounds = np.array([[0.0], [float(size)]])
-    index = np.clip(np.ceil(bounds - 0.5 - shift), 0, size)
-    index -= (index > 0) & ((index - 0.5) + shift >= bounds)
-    index += (index < size) & ((index + 0.5) + shift < bounds)
-    return index.astype(np.int64)
-
-
-def _resample_lines(img: np.ndarray, shift: np.ndarray, axis: int, fill: tuple[int, ...],
-                    cubic: bool) -> np.ndarray:
-    """Pillow's ``Image.transform(AFFINE, resample=BICUBIC | BILINEAR)`` when one coordinate moves.
-
-    axis 2 (rows): pixel (x, y) samples row y at x' = (x + 0.5) + shift[y]; axis 1 (columns): column x
-    at y' = (y + 0.5) + shift[x]. ``shift`` has one value per row / column, or a single value
-    (translate). As in Pillow: taps around floor(x' - 0.5), clamped to the image, ``fill`` where x'
-    is outside [0, size), truncation to uint8.
-    """
-    planes = torch.from_numpy(img)
-    lines = planes if axis == 2 else planes.transpose(1, 2)  # (3, lines, size), a view
-    _, count, size = lines.shape
-    fills = list(fill) if isinstance(fill, (tuple, list)) else [fill] * 3
-    out = np.empty_like(img)
-    out_lines = out if axis == 2 else out.transpose(0, 2, 1)
-    inside = _line_ranges(shift, size)  # Pillow paints the fill outside these
-    translate = shift.size == 1
-    begin, end = (int(inside[0, 0]), int(inside[1, 0])) if translate else (0, size)
-    if translate:  # one inside range for every line: compute only that
-        for channel, value in enumerate(fills):
-            out_lines[channel, :, :begin] = value
-            out_lines[channel, :, end:] = value
-        if begin >= end:
-            return out
-    position = (begin + 0.5 + shift) - 0.5  # Pillow's x' - 0.5 at the first computed pixel of each line
-    start = np.floor(position)
-    coefficients = _CUBIC_WEIGHTS if cubic else _LINEAR_WEIGHTS
-    powers = (position - start)[None, :] ** np.arange(coefficients.shape[1])[:, None]
-    weights = torch.from_numpy((coefficients @ powers).astype(np.float32)).unsqueeze(1).unsqueeze(-1)
-    length = end - begin
-    window = length + len(weights) - 1
-    index = torch.from_numpy(np.clip(start.astype(np.int64)[:, None] + np.arange(-int(cubic), window - int(cubic)),
-                                     0, size - 1))  # Pillow clamps the taps to the image
-    if translate:
-        taps = lines.index_select(2, index[0]).float()
-    else:
-        taps = torch.gather(lines, 2, index.expand(3, count, window)).float()
-    # weighted taps plus the truncation slack, one set of weights per line (weights: taps, 1, lines, 1)
-    values = torch.addcmul(torch.tensor(_TRUNCATION_SLACK), taps[:, :, :length], weights[0])
-    for k in range(1, len(weights)):
-        values.addcmul_(taps[:, :, k:k + length], weights[k])
-    # clip and truncate to uint8 in one pass, like Pillow's clip + cast
-    np.clip(values.numpy(), 0, 255, out=out_lines[:, :, begin:end], casting="unsafe")
-    if not translate and ((inside[0] > 0) | (inside[1] < size)).any():
-        pixel = np.arange(size)
-        outside = (pixel < inside[0][:, None]) | (pixel >= inside[1][:, None])  # (lines, size)
-        np.copyto(out, np.array(fills, np.uint8)[:, None, None], where=outside if axis == 2 else outside.T)
-    return out
+# shear / translate: Pillow's affine sampling along one axis (launcher.data.affine)
 
 
 def _shift(img: np.ndarray, shift: np.ndarray, axis: int, matrix: tuple[float, ...], *,
-           fillcolor: tuple[int, ...] = (128, 128, 128), resample: object = _BICUBIC, **_: object) -> np.ndarray:
-    if isinstance(resample, (list, tuple)):  # timm's _interpolation: drawn at every op call
-        resample = random.choice(resample)
-    if resample in (_BICUBIC, _BILINEAR) and min(img.shape) > 0:
-        return _resample_lines(img, shift, axis, fillcolor, resample == _BICUBIC)
+           fillcolor: object = (128, 128, 128), resample: object = BICUBIC, **_: object) -> np.ndarray:
+    resample = draw_resample(resample)  # timm's _interpolation: a tuple is drawn from at every op call
+    if resample in (BICUBIC, BILINEAR) and img.size > 0:
+        return resample_lines(img, shift, axis, fillcolor, resample == BICUBIC)
     image = to_pil(img)
     return to_planar(np.array(image.transform(image.size, Image.Transform.AFFINE, matrix, resample=resample,
                                               fillcolor=fillcolor)))
