@@ -115,6 +115,8 @@ class TrainConfig:
     # --- evaluation, checkpoints, logging ---------------------------------------------------------
     eval_every: int = _f(1, "evaluate every N epochs (and after the last)")
     eval_every_steps: int = _f(0, "also evaluate every N optimizer steps (0 = per epoch only)")
+    test_eval_every: int = _f(0, "evaluate at --test-img-size every N epochs too (0 = only at the end of the run: "
+                                 "the paper's number; it is not used to pick best.pt)")
     eval_batch: int = _f(0, "evaluation batch per device (0 = 2 x micro-batch)")
     early_stop_patience: int = _f(0, "stop after N evaluations without a better top-1 (0 = off)")
     checkpoint_every: int = _f(0, "also checkpoint every N optimizer steps (0 = at epoch ends only)")
@@ -313,7 +315,7 @@ def validate(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) > 0, f"{name} must be > 0 (got {getattr(cfg, name)})")
     need(cfg.workers is None or cfg.workers >= 0, f"workers must be >= 0 or none (got {cfg.workers})")
     for name in ("micro_batch", "aug_repeats", "warmup_epochs", "test_img_size", "eval_batch",
-                 "eval_every_steps", "early_stop_patience", "checkpoint_every", "keep_checkpoints",
+                 "eval_every_steps", "test_eval_every", "early_stop_patience", "checkpoint_every", "keep_checkpoints",
                  "max_train_steps", "limit_train_batches", "limit_eval_batches", "num_classes", "threads",
                  "lr_ref_batch"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0 (got {getattr(cfg, name)})")

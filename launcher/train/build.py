@@ -233,7 +233,13 @@ def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, 
     backend = "single process" if world == 1 else accelerator.distributed_type.value
     if world > 1 and torch.distributed.is_initialized():
         backend += f", {torch.distributed.get_backend()}"
-    evals = ", ".join(f"{tag}" for tag in parts.eval_loaders) or "none (no validation split)"
+    evals = "none (no validation split)"
+    if parts.eval_loaders:
+        evals = f"val every {cfg.eval_every} epoch(s)"
+        for tag in parts.eval_loaders:
+            if tag != "val":
+                when = f"every {cfg.test_eval_every} epochs and" if cfg.test_eval_every else ""
+                evals += f", {tag} {when} at the end".replace("  ", " ")
     return [
         f"resnet-launcher train: recipe {cfg.recipe}, {cfg.model} ({info['params'] / 1e6:.1f}M params, "
         f"{info['trainable_params'] / 1e6:.1f}M trainable), {parts.num_classes} classes",

@@ -109,6 +109,7 @@ class Trainer:
         self.metrics = MetricsLog(self.output, accelerator, self.main, cfg.report_to != "none")
         self.stop_reason = ""
         self.resumed_from: Path | None = None
+        self.extra_eval_step = -1  # the step the extra test resolution was last evaluated at
 
     # --- setup --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -148,13 +149,21 @@ class Trainer:
             log.info("checkpoint: step %d -> %s%s", self.progress.step, path,
                      " (writing in the background)" if self.ckpt.background else "")
 
-    def run_eval(self) -> dict[str, float] | None:
+    def run_eval(self, final: bool = False, primary: bool = True) -> dict[str, float] | None:
+        """Evaluate at the training resolution; at the extra test resolution too at the end of the run
+        (and every --test-eval-every epochs): it is reported, not used to rank checkpoints."""
         if not self.parts.eval_loaders:
             return None
         acc, cfg, parts = self.accelerator, self.cfg, self.parts
         unwrapped = acc.unwrap_model(self.model)
+        every = cfg.test_eval_every
+        extra = final or bool(every and self.progress.epoch % every == 0 and not self.progress.update)
+        if extra:
+            self.extra_eval_step = self.progress.step
         results: dict[str, dict[str, float]] = {}
         for tag, loader in parts.eval_loaders.items():
+            if (tag != "val" and not extra) or (tag == "val" and not primary):
+                continue
             results[tag] = evaluate(unwrapped, loader, parts.batch_transform, acc, cfg.limit_eval_batches)
             if parts.ema is not None:
                 results[f"{tag}_ema"] = evaluate(parts.ema.module, loader, parts.batch_transform, acc,
@@ -163,8 +172,10 @@ class Trainer:
             self.metrics.write("eval", self.progress.step, epoch=self.progress.epoch, tag=tag, **values)
             log.info("eval %-10s step %d: loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d images)", tag,
                      self.progress.step, values["loss"], values["top1"], values["top5"], values["samples"])
+        if not primary:
+            return None
         ranked = results["val_ema"] if parts.ema is not None else results["val"]
-        self.progress.final = {tag: dict(values) for tag, values in results.items()}
+        self.progress.final = {**self.progress.final, **{tag: dict(values) for tag, values in results.items()}}
         if ranked["top1"] > self.progress.best_top1:
             self.progress.best_top1, self.progress.best_step = ranked["top1"], self.progress.step
             self.progress.evals_since_best = 0
@@ -286,7 +297,7 @@ class Trainer:
         prog.epoch += 1
         prog.update = 0
         if prog.epoch % cfg.eval_every == 0 or prog.epoch == cfg.epochs:
-            self.run_eval()
+            self.run_eval(final=prog.epoch == cfg.epochs or self.steps_limit_reached())
         self.save()
 
     def preempt(self, flag: PreemptionFlag) -> None:
@@ -311,8 +322,11 @@ class Trainer:
         if self.stop_reason:
             log.info("stopping: %s", self.stop_reason)
             if self.progress.update:  # stopped mid-epoch: evaluate and checkpoint where we are
-                self.run_eval()
+                self.run_eval(final=True)
                 self.save()
+            elif len(self.parts.eval_loaders) > 1 and self.extra_eval_step != self.progress.step:
+                # stopped early at an epoch end: the test resolution's final number
+                self.run_eval(final=True, primary=False)
         if self.main:
             self.ckpt.wait()
         return self.finish(time.time() - wall_start)
