@@ -152,3 +152,32 @@ def test_streamed_pipe_urls_with_only_a_total_count(toy):
         seen += [i for b in _indices(build_eval_loader(ds, rank=rank, world_size=2, batch_size=4, img_size=8,
                                                        workers=2, split="train")) for i in b]
     assert sorted(seen) == list(range(61))
+
+
+def test_tar_reads_seek_to_learned_sample_offsets_and_return_the_same_samples(toy, monkeypatch):
+    import tarfile
+    from array import array
+
+    from launcher.data.sources import read_tar_samples
+
+    url = str(toy / "toy-train-000000.tar")  # 41 samples, 3 members each (image, cls, json)
+    parsed = []
+    original = tarfile.TarInfo.fromtarfile.__func__
+    monkeypatch.setattr(tarfile.TarInfo, "fromtarfile",
+                        classmethod(lambda cls, tar: parsed.append(1) or original(cls, tar)))
+
+    def read(start, stop, offsets):
+        parsed.clear()
+        samples = [(s.key, s.label, s.data, s.position) for s in read_tar_samples(url, start, stop, 5, [], offsets)]
+        return samples, len(parsed)
+
+    plain, plain_headers = read(30, 35, None)
+    offsets = array("q")
+    learning, learning_headers = read(30, 35, offsets)
+    assert learning == plain and learning_headers == plain_headers  # the first read parses what it must
+    assert len(offsets) == 36  # the samples it passed, plus the one that ended the range
+    seeked, seeked_headers = read(30, 35, offsets)
+    assert seeked == plain and seeked_headers < plain_headers / 4  # straight to sample 30's header
+    beyond, _ = read(38, None, offsets)  # starts past the known prefix: nearest known, then onward
+    assert beyond == read(38, None, None)[0] and len(beyond) == 3 and len(offsets) == 41
+    assert [k for k, *_ in read(0, 2, offsets)[0]] == [k for k, *_ in read(0, 2, None)[0]]

@@ -52,9 +52,10 @@ Physical layout (:func:`rank_slots`, :func:`worker_slots`)
     Rank ``r`` of ``w`` owns slots ``[r G / w, (r+1) G / w)``; its loader workers each own a contiguous
     sub-block of those slots. A worker reads every source overlapping its slots (a reader shared by two
     workers is read by both, each decoding only its own slots): with streamed remote shards that is
-    extra network reading, never extra decoding. A reader whose range starts inside a shard seeks over
-    the samples before it (tar headers only) in a local file; a streamed one (``pipe:``, http) is read
-    from its start, which costs at most one shard's worth of extra reading per reader and epoch.
+    extra network reading, never extra decoding. A reader whose range starts inside a local shard seeks
+    straight to its first sample (each process learns the shards' sample offsets on its first pass over
+    them); a streamed one (``pipe:``, http) is read from its start, which costs at most one shard's
+    worth of extra reading per reader and epoch.
 
 Evaluation (:func:`eval_plan`)
     With known counts, rank r reads samples ``[r N / world, (r+1) N / world)`` of the natural order

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
@@ -40,8 +41,9 @@ def read_segments(split: Split, segments: Iterable[Segment], events: list[ReadEv
             if sample is not None:
                 yield sample
         else:
-            yield from read_tar_samples(split.units[segment.unit], segment.start, segment.stop, segment.position,
-                                        events)
+            url = split.units[segment.unit]
+            yield from read_tar_samples(url, segment.start, segment.stop, segment.position, events,
+                                        split.sample_offsets.setdefault(url, array("q")))
 
 
 def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tarfile
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class Split:
     lengths_known: bool
     labels: list[int] | None = None  # folder splits: the label of each file
     relpaths: list[str] | None = None  # folder splits: names relative to the root
+    # local tars: byte offset of each sample's first header, learned while reading (see read_tar_samples)
+    sample_offsets: dict[str, array] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -299,15 +302,23 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def read_tar_samples(
-    url: str, start: int, stop: int | None, first_position: int, events: list[ReadEvent]
+    url: str, start: int, stop: int | None, first_position: int, events: list[ReadEvent],
+    offsets: array | None = None,
 ) -> Iterator[RawSample]:
     """Samples ``start <= i < stop`` of one tar in file order (``stop`` None = to the end).
 
-    Samples before ``start`` are not read (local files are seeked over). A read error or a shard
-    shorter than ``stop`` records a :class:`ReadEvent` and ends the iteration early.
+    ``offsets`` (local files): the byte offset of sample ``i``'s first header at index ``i``, for a prefix
+    of the tar's samples; this read seeks straight to the nearest known sample at or before ``start`` and
+    extends the prefix as it goes. Many readers start inside the same shard at every epoch, and a tar
+    has no index: without it each would parse every header before its start (for 128 readers over a few
+    thousand samples, most of an epoch's first batch). A read error or a shard shorter than ``stop``
+    records a :class:`ReadEvent` and ends the iteration early.
     """
+    local = is_local(url)
+    known = offsets if local and offsets is not None else None
+    resume_at = min(start, len(known) - 1) if known else -1  # the sample read first: seek to its header
     yielded = 0
-    index = -1
+    index = resume_at - 1 if resume_at >= 0 else -1
     key: str | None = None
     parts: dict[str, bytes] = {}
 
@@ -328,21 +339,26 @@ def read_tar_samples(
         return RawSample(image, label, name, url, first_position + yielded)
 
     try:
-        with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r:" if is_local(url) else "r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, ext = split_member_name(member.name)
-                if member_key != key:
-                    if key is not None and index >= start and (sample := finish()) is not None:
-                        yield sample
-                        yielded += 1
-                    index, key, parts = index + 1, member_key, {}
-                    if stop is not None and index >= stop:
-                        return
-                if index >= start:
-                    handle = tar.extractfile(member)
-                    parts[ext] = handle.read() if handle is not None else b""
+        with _open_stream(url) as stream:
+            if resume_at > 0:
+                stream.seek(known[resume_at])
+            with tarfile.open(fileobj=stream, mode="r:" if local else "r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    member_key, ext = split_member_name(member.name)
+                    if member_key != key:
+                        if key is not None and index >= start and (sample := finish()) is not None:
+                            yield sample
+                            yielded += 1
+                        index, key, parts = index + 1, member_key, {}
+                        if known is not None and index == len(known):
+                            known.append(member.offset)
+                        if stop is not None and index >= stop:
+                            return
+                    if index >= start:
+                        handle = tar.extractfile(member)
+                        parts[ext] = handle.read() if handle is not None else b""
         if key is not None and index >= start and (sample := finish()) is not None:
             yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:

@@ -7,10 +7,14 @@ from torch import nn
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed / accelerate (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+def unwrap_model(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
+    """Strip DDP / DeepSpeed / accelerate (``.module``) and torch.compile (``._orig_mod``) wrappers.
+
+    ``keep_compiled``: stop at a torch.compile wrapper (evaluation keeps the compiled graph). Accelerate's
+    own ``unwrap_model`` does the same but imports DeepSpeed, whenever it is installed, on its first call.
+    """
     while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        if not keep_compiled and isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module

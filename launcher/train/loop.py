@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from launcher.config import TrainConfig, save_config, validate
+from launcher.models.registry import unwrap_model
 from launcher.progress import TrainProgress
 from launcher.train.accelerator import clean_step_folders, create_accelerator
 from launcher.train.build import build_parts, startup_report
@@ -155,7 +156,7 @@ class Trainer:
         if not self.parts.eval_loaders:
             return None
         acc, cfg, parts = self.accelerator, self.cfg, self.parts
-        unwrapped = acc.unwrap_model(self.model)
+        unwrapped = unwrap_model(self.model, keep_compiled=True)
         every = cfg.test_eval_every
         extra = final or bool(every and self.progress.epoch % every == 0 and not self.progress.update)
         if extra:
@@ -210,7 +211,7 @@ class Trainer:
         if self.cfg.sched_on_updates:
             parts.scheduler.step_update(prog.step)
         if parts.ema is not None:
-            parts.ema.update(acc.unwrap_model(self.model), step=prog.step)
+            parts.ema.update(unwrap_model(self.model), step=prog.step)
 
     def log_window(self, window: Window, prefetcher: DevicePrefetcher, bar: Any) -> Window:
         """The one place per ``log_every`` steps where the host reads device values."""
