@@ -75,3 +75,41 @@ def test_shard_prefix_is_file_name_safe() -> None:
     assert shard_prefix("my photos.v2") == "my_photos_v2"
     assert shard_prefix("ünï-côdé") == "ünï-côdé"
     assert shard_prefix("...") == "dataset"
+
+
+def test_output_lock_dies_with_the_run_not_with_its_forked_workers(tmp_path: Path) -> None:
+    """A run SIGKILLed while a forked worker lives on (exiting, or orphaned) must not lock its output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "shards" / "ds"
+    child_pid = tmp_path / "child.pid"
+    script = f"""
+import multiprocessing, os, time
+from pathlib import Path
+from launcher.shardify.writer import OutputStaging
+with OutputStaging(Path({str(out)!r}), overwrite=False):
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=False)
+    worker.start()
+    Path({str(child_pid)!r}).write_text(str(worker.pid))
+    time.sleep(60)
+"""
+    run = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not child_pid.exists() or not child_pid.read_text():
+            assert run.poll() is None and time.monotonic() < deadline, "the locking run did not start"
+            time.sleep(0.05)
+        with pytest.raises(OutputError, match="another shardify run"):  # the run itself holds the lock
+            OutputStaging(out, overwrite=True).__enter__()
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        os.kill(int(child_pid.read_text()), 0)  # the worker is still alive...
+        with OutputStaging(out, overwrite=True):  # ...and the output is free
+            pass
+    finally:
+        run.kill()
+        if child_pid.exists() and child_pid.read_text():
+            os.kill(int(child_pid.read_text()), signal.SIGKILL)

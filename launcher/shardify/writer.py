@@ -9,6 +9,7 @@ A lock file keeps two runs from writing the same output at once.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -24,6 +25,21 @@ TMP_SUFFIX = ".tmp"
 INFO_NAME = "_info.json"
 OUTPUT_FILES = (INFO_NAME, "classes.json", "report.json")
 _TAR_BLOCK = 512
+
+# Output locks this process holds. A forked worker (encoding, verifying) inherits the descriptor, and an
+# flock lives as long as any descriptor of it: after a SIGKILL of the main process, its workers, still
+# exiting or orphaned, would keep the output locked. Children close their copies at once.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class OutputError(ValueError):
@@ -194,9 +210,11 @@ class OutputStaging:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            _HELD_LOCK_FDS.discard(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = None
             raise OutputError(f"another shardify run is writing {self.out} right now") from None
+        _HELD_LOCK_FDS.add(self._lock_fd)
         try:
             self._recover_previous_run()
             self._check_existing_output()
