@@ -15,14 +15,13 @@ from timm.layers import DropPath
 from torch import nn
 
 from launcher.models.optim import create_loss, create_optimizer
+from launcher.models.pretrained import WeightsUnavailableError, load_weights_file
 from launcher.models.registry import RESNET_NAMES, unwrap_model
 from launcher.models.resnet import (
     FrozenStatsBatchNorm2d,
     FrozenStatsSyncBatchNorm,
-    WeightsUnavailableError,
     convert_sync_batchnorm,
     create_resnet,
-    load_weights_file,
     model_info,
     set_trainable_layers,
 )

@@ -113,3 +113,22 @@ with OutputStaging(Path({str(out)!r}), overwrite=False):
         run.kill()
         if child_pid.exists() and child_pid.read_text():
             os.kill(int(child_pid.read_text()), signal.SIGKILL)
+
+
+def test_forked_children_keep_the_descriptors_opened_after_a_run_ended(tmp_path: Path) -> None:
+    """Only the locks still held are closed in a forked child; a reused descriptor number stays open."""
+    with OutputStaging(tmp_path / "out", overwrite=False):
+        pass
+    fd = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o644)  # likely the lock's old number
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: is the descriptor still open?
+            try:
+                os.fstat(fd)
+                os._exit(0)
+            except OSError:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)

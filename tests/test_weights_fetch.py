@@ -23,7 +23,8 @@ import torchvision
 from safetensors.torch import save_file
 
 from launcher.models.fetch import main
-from launcher.models.resnet import WeightsUnavailableError, create_resnet
+from launcher.models.pretrained import WeightsUnavailableError
+from launcher.models.resnet import create_resnet
 from launcher.models.sources import parse_weights_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,17 +2,14 @@
 optimizer + LR schedule (optim.py), losses (losses.py); ``registry.py`` holds the names and ``unwrap_model``.
 """
 
-from launcher.models.registry import RESNET_NAMES, unwrap_model
-from launcher.models.resnet import (
+from launcher.models.pretrained import (
     WeightsUnavailableError,
-    convert_sync_batchnorm,
-    create_resnet,
     load_pretrained_state_dict,
     load_weights_file,
-    model_info,
     resolve_weights,
-    set_trainable_layers,
 )
+from launcher.models.registry import RESNET_NAMES, unwrap_model
+from launcher.models.resnet import convert_sync_batchnorm, create_resnet, model_info, set_trainable_layers
 
 __all__ = [
     "RESNET_NAMES",

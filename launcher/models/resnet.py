@@ -24,26 +24,8 @@ from typing import Any
 import timm
 from torch import nn
 
-from launcher.models.pretrained import (
-    WeightsUnavailableError,
-    load_pretrained_state_dict,
-    load_weights_file,
-    resolve_weights,
-)
+from launcher.models.pretrained import load_pretrained_state_dict, resolve_weights
 from launcher.models.registry import RESNET_NAMES, unwrap_model
-
-__all__ = [
-    "RESNET_NAMES",
-    "WeightsUnavailableError",
-    "convert_sync_batchnorm",
-    "create_resnet",
-    "load_pretrained_state_dict",
-    "load_weights_file",
-    "model_info",
-    "resolve_weights",
-    "set_trainable_layers",
-    "unwrap_model",
-]
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from launcher.shardify.writer import (
     OutputError,
     OutputStaging,
     ShardRecord,
-    fsync_file,
+    fsync_path,
     shard_name,
     shard_prefix,
 )
@@ -247,7 +247,7 @@ def _write(plan: SourcePlan, staging: OutputStaging, options: ShardifyOptions, s
             for block in runner.run(tasks, bar.update):
                 results[(block.split, block.block)] = block
                 # Flush finished shards to disk in the background while encoding goes on.
-                syncs += [syncer.submit(fsync_file, staging.staging / shard.temp_name) for shard in block.shards]
+                syncs += [syncer.submit(fsync_path, staging.staging / shard.temp_name) for shard in block.shards]
                 if block.skipped:
                     bar.set_postfix(skipped=sum(len(r.skipped) for r in results.values()))
                     if options.strict:

@@ -120,7 +120,7 @@ class TarWriter:
         self._bytes += size
 
     def close(self) -> list[ShardRecord]:
-        """Finish the last file; returns every file written (not yet fsynced: see :func:`fsync_file`)."""
+        """Finish the last file; returns every file written (not yet fsynced: see :func:`fsync_path`)."""
         if self._file is not None:
             self._finish_shard()
         return self.shards
@@ -147,8 +147,8 @@ class TarWriter:
         self._file = None
 
 
-def fsync_file(path: Path) -> None:
-    """Flush one written file to disk (done off the encoding path, in a background thread)."""
+def fsync_path(path: Path) -> None:
+    """Flush one written file, or a folder's entries, to disk (files: off the encoding path, on a thread)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -165,14 +165,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def looks_like_shard_output(folder: Path, prefix_pattern: str = r".+") -> bool:
@@ -210,7 +202,6 @@ class OutputStaging:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _HELD_LOCK_FDS.discard(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = None
             raise OutputError(f"another shardify run is writing {self.out} right now") from None
@@ -264,7 +255,7 @@ class OutputStaging:
         for name, payload in extra_files.items():
             write_json_atomic(self.staging / name, payload)
         write_json_atomic(self.staging / INFO_NAME, info)
-        _fsync_dir(self.staging)
+        fsync_path(self.staging)
         if self.out.exists():
             if any(os.scandir(self.out)):
                 os.rename(self.out, self.old)
@@ -272,11 +263,12 @@ class OutputStaging:
                 self.out.rmdir()
         os.rename(self.staging, self.out)
         self.published = True
-        _fsync_dir(self.out.parent)
+        fsync_path(self.out.parent)
         shutil.rmtree(self.old, ignore_errors=True)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             # The (empty, hidden) lock file stays: unlinking it would let two runs lock different inodes.
+            _HELD_LOCK_FDS.discard(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = None
