@@ -10,6 +10,9 @@ sbatch's --nodes), run side by side: tiny CPU trainings of the real engine on 60
                                                               waiting in a collective); requeued, it resumes
                                                               from the epoch-1 checkpoint and ends with the
                                                               reference's weights, bit for bit
+  shrink:    the same job, held and sent USR1 mid-epoch;  -> resumes on 1 node x 2 accumulation steps: says the
+             requeued with NumNodes=1, released               shape changed, trains every step once, per-step
+                                                              losses equal the reference's within 1e-4
   broken:    a data path that does not exist, submitted    -> FAILED, never requeued
              with `launcher slurm --submit`
   deepspeed: ACCELERATE_CONFIG=recipes/accelerate/           -> 2 ranks on 2 nodes meet (no ssh/pdsh)
@@ -187,6 +190,38 @@ def preempt_twice(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
         job.events.append(f"gave up waiting to send SIG{plan[0][0]}")
 
 
+def requeue_on_one_node(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
+    """Preempt the 2-node job mid-epoch and bring it back on 1 node (as `sbatch --nodes=1-2` may): hold it
+    (the hold applies once it is requeued), USR1 (checkpoint + requeue), then NumNodes=1 and release."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job.job_id)
+        if info.get("JobState") in TERMINAL:
+            job.events.append("finished before it could be preempted")
+            return
+        if info.get("JobState") == "RUNNING" and trained_steps(job.run_dir) >= 3:
+            break
+        time.sleep(0.3)
+    subprocess.run(["scontrol", "hold", job.job_id], check=False)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=False)
+    job.events.append(f"held and SIGUSR1 sent at step {trained_steps(job.run_dir)}")
+    while time.monotonic() < deadline:
+        info = job_info(job.job_id)
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= 1:
+            break
+        if info.get("JobState") in TERMINAL:
+            job.events.append(f"ended {info.get('JobState')} instead of being requeued")
+            subprocess.run(["scontrol", "release", job.job_id], check=False)
+            return
+        time.sleep(0.3)
+    # one task per node (the template's --ntasks-per-node=1): the task count follows the node count
+    update = subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "NumNodes=1", "NumTasks=1"],
+                            capture_output=True, text=True)
+    job.events.append(f"update NumNodes=1 NumTasks=1: rc {update.returncode} {update.stderr.strip()!r}")
+    subprocess.run(["scontrol", "release", job.job_id], check=False)
+    job.events.append("released")
+
+
 def kill_one_rank(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
     """SIGKILL rank 1 of the job once epoch 2 is under way; record how long the job took to end after it."""
     import psutil
@@ -235,6 +270,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory):
         "reference": submit("ref", tmp, DATA=str(data)),
         "drill": submit("drill", tmp, DATA=str(data)),
         "killrank": submit("killrank", tmp, DATA=str(data)),
+        "shrink": submit("shrink", tmp, DATA=str(data)),
         "broken": submit_rendered("broken", tmp, tmp / "no-such-dataset"),
     }
     signaller = threading.Thread(target=preempt_twice, args=(submitted["drill"],), daemon=True)
@@ -243,6 +279,9 @@ def jobs(tmp_path_factory: pytest.TempPathFactory):
     killer = threading.Thread(target=kill_one_rank, args=(submitted["killrank"],), daemon=True)
     killer.start()
     submitted["killer"] = killer  # type: ignore[assignment]
+    shrinker = threading.Thread(target=requeue_on_one_node, args=(submitted["shrink"],), daemon=True)
+    shrinker.start()
+    submitted["shrinker"] = shrinker  # type: ignore[assignment]
     yield submitted
     for job in submitted.values():
         if isinstance(job, Job) and job_info(job.job_id).get("JobState") not in TERMINAL:
@@ -312,6 +351,27 @@ def test_a_killed_rank_fails_the_job_fast_and_the_requeue_resumes_exactly(jobs: 
     assert ours["step"] == theirs["step"] == FINAL_STEP
     different = [k for k in ours["model"] if not torch.equal(ours["model"][k], theirs["model"][k])]
     assert not different, f"{len(different)} tensors differ after the requeue, e.g. {different[:5]}"
+
+
+def test_a_requeue_on_fewer_nodes_resumes_the_same_run(jobs: dict[str, Job]) -> None:
+    job = jobs["shrink"]
+    jobs["shrinker"].join(timeout=JOB_TIMEOUT_S)  # type: ignore[attr-defined]
+    info = job.wait(restarts=1)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job.diagnostics()
+    log = job.log.read_text()
+    assert "1 node(s) x 1 process(es) = 1 on cpu" in log, job.diagnostics()
+    assert "shape changed from 2 process(es) x micro-batch 4 x accumulation 1" in log, job.diagnostics()
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["accumulation"] == 2 and summary["steps"] == FINAL_STEP, summary
+    records = [json.loads(line) for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+    assert sorted(losses) == list(range(1, FINAL_STEP + 1)), job.diagnostics()  # every step once
+    reference = jobs["reference"]
+    assert reference.wait()["JobState"] == "COMPLETED", reference.diagnostics()
+    expected = {r["step"]: r["loss"] for r in (json.loads(line) for line in
+                (reference.run_dir / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "train"}
+    # The same global batches on the new shape; only the float summation order of the gradient changes.
+    assert [losses[k] for k in sorted(losses)] == pytest.approx([expected[k] for k in sorted(losses)], rel=1e-4)
 
 
 def test_a_real_error_fails_without_requeue(jobs: dict[str, Job]) -> None:
