@@ -88,6 +88,29 @@ def test_set_start_resumes_bitwise(textured, workers):
     assert not torch.equal(reference[0][0], reference[1][0])
 
 
+def test_workers_start_the_next_epoch_early_and_any_epoch_asked_for_is_exact(textured):
+    """Once an epoch is read to its end the workers already make the next one; asking for that epoch uses
+    their batches, asking for another (or a start inside it) still gives exactly that epoch's batches."""
+    ds = open_dataset(str(textured))
+    kwargs = dict(rank=0, world_size=1, micro_batch=4, global_batch=8, img_size=16, seed=5)
+    fresh = build_train_loader(ds, workers=0, **kwargs)
+
+    def epoch(loader, number, start=0):
+        loader.set_epoch(number)
+        loader.set_start(start)
+        return [(x.clone(), y.clone()) for x, y in loader]
+
+    expected = {(e, s): epoch(fresh, e, s) for e, s in ((1, 0), (3, 0), (4, 2))}
+    loader = build_train_loader(ds, workers=2, **kwargs)
+    epoch(loader, 0)
+    assert loader.next_epoch_started
+    for (number, start), batches in expected.items():  # epoch 1 as started; epoch 3 and 4 from batch 2 not
+        got = epoch(loader, number, start)
+        assert len(got) == len(batches) and all(torch.equal(a, b) and torch.equal(la, lb)
+                                                for (a, la), (b, lb) in zip(got, batches))
+    assert not fresh.next_epoch_started  # in-process loading reads lazily: nothing to start early
+
+
 def test_eval_counts_each_sample_once_with_two_ranks(toy):
     ds = open_dataset(str(toy))
     seen = []

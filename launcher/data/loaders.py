@@ -219,6 +219,7 @@ class TrainLoader(_LoaderBase):
         self.epoch = 0
         self.start = 0
         self._ring: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._next_epoch: tuple[tuple[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @property
     def workers(self) -> int:
@@ -242,9 +243,24 @@ class TrainLoader(_LoaderBase):
     def __len__(self) -> int:
         return self.updates_per_epoch * self.accumulation
 
+    @property
+    def next_epoch_started(self) -> bool:
+        """Whether the workers already work on the epoch after the one last read to its end."""
+        return self._next_epoch is not None
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.stream.state.copy_(torch.tensor([self.epoch, self.start]))
-        return self._micro_batches(self._consume(iter(self.loader)), self.start)
+        started, self._next_epoch = self._next_epoch, None
+        if started is not None and started[0] == (self.epoch, self.start):
+            items = started[1]
+        else:  # (a started epoch that is not wanted is drained by the DataLoader's reset)
+            items = self._start(self.epoch, self.start)
+        return self._micro_batches(items, self.start)
+
+    def _start(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Set the workers going on ``epoch`` from global batch ``start`` (they read this at their start)."""
+        self.stream.state.copy_(torch.tensor([epoch, start]))
+        with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
+            return self._consume(iter(self.loader))
 
     def _micro_batches(self, items: Iterator[tuple[torch.Tensor, torch.Tensor]],
                        start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -260,6 +276,11 @@ class TrainLoader(_LoaderBase):
                 yield from self._split(None, parts)
         if next(items, None) is not None:
             raise RuntimeError("train loader: workers yielded more batches than planned")
+        if self.stream.workers > 0:
+            # The epoch's last micro-batches are in hand: the workers start on the next epoch now, while
+            # the step, the evaluation and the checkpoint run, instead of after them (the batches do not
+            # depend on when they are made).
+            self._next_epoch = ((self.epoch + 1, 0), self._start(self.epoch + 1, 0))
 
     def _into_ring(self, parts: list[tuple[torch.Tensor, torch.Tensor]],
                    update: int) -> tuple[torch.Tensor, torch.Tensor]:

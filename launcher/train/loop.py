@@ -245,8 +245,7 @@ class Trainer:
         if not cfg.sched_on_updates:
             parts.scheduler.step(prog.epoch)
         self.model.train()
-        with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
-            prefetcher = DevicePrefetcher(iter(loader), acc.device)
+        prefetcher = DevicePrefetcher(iter(loader), acc.device)
         batches = iter(prefetcher)
         bar = TrainProgress(epoch=prog.epoch, epochs=cfg.epochs, update=prog.update, step=prog.step,
                             updates_per_epoch=parts.updates_per_epoch, max_steps=cfg.max_train_steps,
