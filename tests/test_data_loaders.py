@@ -101,7 +101,7 @@ def test_workers_start_the_next_epoch_early_and_any_epoch_asked_for_is_exact(tex
         return [(x.clone(), y.clone()) for x, y in loader]
 
     expected = {(e, s): epoch(fresh, e, s) for e, s in ((1, 0), (3, 0), (4, 2))}
-    loader = build_train_loader(ds, workers=2, **kwargs)
+    loader = build_train_loader(ds, workers=2, early_next_epoch=True, **kwargs)
     epoch(loader, 0)
     assert loader.next_epoch_started
     for (number, start), batches in expected.items():  # epoch 1 as started; epoch 3 and 4 from batch 2 not
@@ -109,6 +109,9 @@ def test_workers_start_the_next_epoch_early_and_any_epoch_asked_for_is_exact(tex
         assert len(got) == len(batches) and all(torch.equal(a, b) and torch.equal(la, lb)
                                                 for (a, la), (b, lb) in zip(got, batches))
     assert not fresh.next_epoch_started  # in-process loading reads lazily: nothing to start early
+    default = build_train_loader(ds, workers=2, **kwargs)
+    epoch(default, 0)
+    assert default.next_epoch_started == torch.cuda.is_available()  # where the CPU trains, it would compete
 
 
 def test_eval_counts_each_sample_once_with_two_ranks(toy):

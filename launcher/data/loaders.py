@@ -209,8 +209,10 @@ class TrainLoader(_LoaderBase):
     Call ``set_epoch`` every epoch; ``set_start(u)`` to begin at global batch ``u`` of the epoch.
     """
 
-    def __init__(self, stream: TrainStream, loader: DataLoader, *, micro_batch: int, pin_memory: bool) -> None:
+    def __init__(self, stream: TrainStream, loader: DataLoader, *, micro_batch: int, pin_memory: bool,
+                 early_next_epoch: bool = False) -> None:
         super().__init__(loader, "train loader")
+        self.early_next_epoch = early_next_epoch and stream.workers > 0
         self.stream = stream
         self.micro_batch = micro_batch
         self.accumulation = len(stream.slots) // micro_batch
@@ -276,7 +278,7 @@ class TrainLoader(_LoaderBase):
                 yield from self._split(None, parts)
         if next(items, None) is not None:
             raise RuntimeError("train loader: workers yielded more batches than planned")
-        if self.stream.workers > 0:
+        if self.early_next_epoch:
             # The epoch's last micro-batches are in hand: the workers start on the next epoch now, while
             # the step, the evaluation and the checkpoint run, instead of after them (the batches do not
             # depend on when they are made).
@@ -340,12 +342,15 @@ def build_train_loader(
     auto_augment: str | None = "rand-m7-mstd0.5-inc1", aug_repeats: int = 0,
     scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
     interpolation: str = "bicubic", workers: int = 2, seed: int = 0, pin_memory: bool | None = None,
-    prefetch: int = 2, split: str = "train", draft: bool = True,
+    prefetch: int = 2, split: str = "train", draft: bool = True, early_next_epoch: bool | None = None,
 ) -> TrainLoader:
     """Equal-length, deterministic, resumable train micro-batches for one rank (see the module docstrings).
 
     The global batches depend on ``global_batch`` (default ``world_size x micro_batch``, no accumulation),
     ``seed``, the epoch, ``aug_repeats`` and the data, not on ``world_size``, ``micro_batch`` or ``workers``.
+    ``early_next_epoch`` (default: when CUDA is available) sets the workers going on the next epoch as soon
+    as one is read: on a GPU node the cores are idle during evaluation and checkpointing; where the CPU
+    trains, they are the compute, and working ahead only slows the step (2-core CPU, 30 epochs: +10 %).
     """
     _check_rank(rank, world_size, micro_batch, "micro_batch")
     global_batch = world_size * micro_batch if global_batch is None else global_batch
@@ -364,8 +369,9 @@ def build_train_loader(
                          workers=workers, seed=seed, repeats=int(aug_repeats))
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     # the DataLoader does not pin: the slice is assembled into pinned buffers here, one copy either way
+    early = torch.cuda.is_available() if early_next_epoch is None else early_next_epoch
     return TrainLoader(stream, _make_dataloader(stream, stream.workers, False, prefetch), micro_batch=micro_batch,
-                       pin_memory=pin)
+                       pin_memory=pin, early_next_epoch=early)
 
 
 def build_eval_loader(
