@@ -190,18 +190,26 @@ def preempt_twice(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
         job.events.append(f"gave up waiting to send SIG{plan[0][0]}")
 
 
+def running_past(job: Job, steps: int, deadline: float, what: str) -> bool:
+    """Wait until the job runs and has trained ``steps`` steps; False (noted) if it ends first."""
+    while time.monotonic() < deadline:
+        info = job_info(job.job_id)
+        if info.get("JobState") in TERMINAL:
+            job.events.append(f"finished before {what}")
+            return False
+        if info.get("JobState") == "RUNNING" and trained_steps(job.run_dir) >= steps:
+            return True
+        time.sleep(0.3)
+    job.events.append(f"gave up waiting for step {steps} before {what}")
+    return False
+
+
 def requeue_on_one_node(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
     """Preempt the 2-node job mid-epoch and bring it back on 1 node (as `sbatch --nodes=1-2` may): hold it
     (the hold applies once it is requeued), USR1 (checkpoint + requeue), then NumNodes=1 and release."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = job_info(job.job_id)
-        if info.get("JobState") in TERMINAL:
-            job.events.append("finished before it could be preempted")
-            return
-        if info.get("JobState") == "RUNNING" and trained_steps(job.run_dir) >= 3:
-            break
-        time.sleep(0.3)
+    if not running_past(job, 3, deadline, "it could be preempted"):
+        return
     subprocess.run(["scontrol", "hold", job.job_id], check=False)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=False)
     job.events.append(f"held and SIGUSR1 sent at step {trained_steps(job.run_dir)}")
@@ -227,14 +235,8 @@ def kill_one_rank(job: Job, timeout: float = JOB_TIMEOUT_S) -> None:
     import psutil
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = job_info(job.job_id)
-        if info.get("JobState") in TERMINAL:
-            job.events.append("finished before a rank could be killed")
-            return
-        if info.get("JobState") == "RUNNING" and trained_steps(job.run_dir) >= 10:  # epoch 1 (8 steps) checkpointed
-            break
-        time.sleep(0.3)
+    if not running_past(job, 10, deadline, "a rank could be killed"):  # epoch 1 (8 steps) is checkpointed
+        return
     ranks = []
     for process in psutil.process_iter():
         try:
