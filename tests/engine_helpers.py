@@ -28,8 +28,9 @@ def recipe_command(recipe: str, *args: str, processes: int = 1) -> list[str]:
     script = str(REPO / "recipes" / f"{recipe}.py")
     if processes == 1:
         return [sys.executable, script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+    # --standalone: torchrun binds its own free port (a port picked here and released could be taken first)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            script, *args]
 
 
 def run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
