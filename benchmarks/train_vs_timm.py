@@ -130,7 +130,9 @@ def run_ours(args: argparse.Namespace, shards: Path, seed: int, output: Path) ->
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"error: our run failed (exit {done.returncode}); see {log_path}")
-    return read_ours_run(output, wall, " ".join(command[1:]))
+    # recorded without this machine's paths: the script relative to the repository, the folders by role
+    shown = {str(REPO / "recipes" / "a3.py"): "recipes/a3.py", str(shards): "SHARDS", str(output): "RUN"}
+    return read_ours_run(output, wall, " ".join(["python", *(shown.get(part, part) for part in command[1:])]))
 
 
 def read_ours_run(output: Path, wall: float, command: str) -> dict[str, Any]:
