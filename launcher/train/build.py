@@ -238,8 +238,8 @@ def startup_report(cfg: TrainConfig, parts: RunParts, accelerator: Accelerator, 
         evals = f"val every {cfg.eval_every} epoch(s)"
         for tag in parts.eval_loaders:
             if tag != "val":
-                when = f"every {cfg.test_eval_every} epochs and" if cfg.test_eval_every else ""
-                evals += f", {tag} {when} at the end".replace("  ", " ")
+                every = f"every {cfg.test_eval_every} epochs and " if cfg.test_eval_every else ""
+                evals += f", {tag} {every}at the end"
     return [
         f"resnet-launcher train: recipe {cfg.recipe}, {cfg.model} ({info['params'] / 1e6:.1f}M params, "
         f"{info['trainable_params'] / 1e6:.1f}M trainable), {parts.num_classes} classes",
