@@ -250,7 +250,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None, *, split: str 
 
 
 def format_evaluation(metrics: dict[str, Any]) -> str:
-    lines = [f"{metrics['images']} images ({metrics['split']}): loss {metrics['loss']:.4f}  "
+    # the size says which number this is: a recipe with a test resolution (A3) ranks best.pt at its
+    # training size, and evaluate uses the test size
+    lines = [f"{metrics['images']} images ({metrics['split']}, {metrics['img_size']} px): loss {metrics['loss']:.4f}  "
              f"top-1 {metrics['top1']:.2f}%  top-{metrics['top5_k']} {metrics['top5']:.2f}%  "
              f"macro F1 {metrics['macro_f1']:.3f}"]
     width = max(12, *(len(name) for name in metrics["per_class"]))
